@@ -1,0 +1,104 @@
+"""Installs up2 and, when CUDA is available (or FORCE_CUDA=1), the compiled deformable-attention
+extension ``MultiScaleDeformableAttention``. A failed or skipped extension build never fails the
+install: up2 then uses its Triton or PyTorch implementation (see ``up2/layers/ms_deform_attn.py``)."""
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+EXTENSION_NAME = "MultiScaleDeformableAttention"
+CSRC_DIR = os.path.join("up2", "layers", "csrc")
+
+
+def _log(message):
+    sys.stderr.write(f"[up2 setup.py] {message}\n")
+
+
+def _cuda_extension_and_cmdclass():
+    """Returns ([CUDAExtension], {"build_ext": ...}) or ([], {}) with the reason logged."""
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError:
+        _log(f"torch is not importable at build time: skipping the {EXTENSION_NAME} CUDA extension.")
+        return [], {}
+    sources = sorted(glob.glob(os.path.join(CSRC_DIR, "*.cpp")) + glob.glob(os.path.join(CSRC_DIR, "*.cu")))
+    force = os.environ.get("FORCE_CUDA", "0") == "1"
+    if not sources:
+        _log(f"no sources under {CSRC_DIR}: skipping the {EXTENSION_NAME} CUDA extension.")
+        return [], {}
+    if not (torch.cuda.is_available() or force):
+        _log(f"no CUDA device and FORCE_CUDA!=1: skipping the {EXTENSION_NAME} CUDA extension "
+             "(up2 uses its Triton/PyTorch implementation).")
+        return [], {}
+    if CUDA_HOME is None:
+        _log(f"CUDA_HOME not found (nvcc missing): skipping the {EXTENSION_NAME} CUDA extension.")
+        return [], {}
+
+    class OptionalBuildExtension(BuildExtension):
+        """Builds the extension if it can; otherwise logs why and lets the install go on."""
+
+        def run(self):
+            try:
+                super().run()
+            except Exception as error:  # noqa: BLE001 - any compiler failure must not fail the install
+                _log(f"building {EXTENSION_NAME} failed ({error}); up2 will use Triton/PyTorch.")
+
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as error:  # noqa: BLE001
+                _log(f"building {ext.name} failed ({error}); up2 will use Triton/PyTorch.")
+
+    nvcc_flags = ["-O3", "--use_fast_math", "-DCUDA_HAS_FP16=1", "-D__CUDA_NO_HALF_OPERATORS__",
+                  "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
+    extension = CUDAExtension(
+        name=EXTENSION_NAME,
+        sources=sources,
+        include_dirs=[os.path.abspath(CSRC_DIR)],
+        extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags},
+    )
+    _log(f"building the {EXTENSION_NAME} CUDA extension from {len(sources)} source files.")
+    return [extension], {"build_ext": OptionalBuildExtension.with_options(use_ninja=False)}
+
+
+ext_modules, cmdclass = _cuda_extension_and_cmdclass()
+
+setup(
+    name="up2",
+    version="0.1.0",
+    description="Uni-Perceiver v2 as a Detectron2 extension: one generalist model for detection, "
+    "segmentation, classification, captioning, retrieval and masked language modelling.",
+    python_requires=">=3.10",
+    packages=find_packages(include=("up2", "up2.*")),
+    package_data={"up2": ["layers/csrc/*", "data/*.json"]},
+    install_requires=[
+        "torch>=2.1",
+        "torchvision>=0.16",
+        "numpy>=1.24",
+        "Pillow>=9.0",
+        "matplotlib>=3.5",
+        "pycocotools>=2.0.6",
+        "fvcore>=0.1.5",
+        "iopath>=0.1.7",
+        "yacs>=0.1.8",
+        "termcolor>=1.1",
+        "tabulate>=0.8",
+        "cloudpickle>=1.6",
+        "tqdm>=4.40",
+        "tensorboard>=2.10",
+        "omegaconf>=2.1",
+        "hydra-core>=1.1",
+        "transformers>=4.40",
+        "tokenizers>=0.15",
+        "timm>=0.9",
+        "pycocoevalcap>=1.2",
+        "scipy>=1.9",
+    ],
+    extras_require={
+        "dev": ["pytest>=7.0", "triton>=3.0; platform_system=='Linux'"],
+    },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

@@ -1,0 +1,53 @@
+"""Detectron2's checkpointer with atomic writes: a crash while saving never leaves a truncated
+``model_*.pth`` or ``last_checkpoint`` behind (the file is written beside its destination, flushed,
+fsync'ed and renamed over it)."""
+import logging
+import os
+import tempfile
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+
+__all__ = ["AtomicCheckpointer", "atomic_write_bytes"]
+
+logger = logging.getLogger(__name__)
+
+
+def _atomic_write(path: str, write):
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+
+
+def atomic_write_bytes(path: str, data: bytes):
+    """Writes ``data`` to ``path`` atomically."""
+    _atomic_write(path, lambda f: f.write(data))
+
+
+class AtomicCheckpointer(DetectionCheckpointer):
+    """:class:`DetectionCheckpointer` whose ``save`` and ``tag_last_checkpoint`` are atomic."""
+
+    def save(self, name: str, **kwargs) -> None:
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        save_file = os.path.join(self.save_dir, f"{name}.pth")
+        logger.info("Saving checkpoint to %s", save_file)
+        _atomic_write(save_file, lambda f: torch.save(data, f))
+        self.tag_last_checkpoint(os.path.basename(save_file))
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        atomic_write_bytes(os.path.join(self.save_dir, "last_checkpoint"), last_filename_basename.encode())

@@ -1,0 +1,3 @@
+"""Training and inference engine: launcher, trainer."""
+from up2.engine.launch import launch  # noqa: F401
+from up2.engine.trainer import UP2Trainer, create_ddp_model, write_eval_results  # noqa: F401

@@ -1,0 +1,153 @@
+"""up2's trainer: Detectron2's ``DefaultTrainer`` workflow (hooks, checkpoints, ``metrics.json``,
+TensorBoard, ETA in the log) with the pieces that up2 needs to differ:
+
+* DDP that also works on CPU (gloo) processes;
+* atomic checkpoints (:class:`~up2.checkpoint.AtomicCheckpointer`);
+* up2's optimizer (MT-AdamW or AdamW with up2's parameter groups) from ``SOLVER.UP2.*``;
+* evaluators chosen by each test dataset's task;
+* ``test()`` returns ``{dataset_name: {metric: value}}`` (flat metrics, the ``eval_results.json``
+  contract of ``train_net.py --eval-only``).
+"""
+import json
+import logging
+import os
+import weakref
+from collections import OrderedDict
+from typing import Dict, List, Tuple
+
+import torch
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
+from detectron2.evaluation import inference_on_dataset
+from detectron2.evaluation.testing import flatten_results_dict
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+from torch.nn.parallel import DistributedDataParallel
+
+from up2.checkpoint import AtomicCheckpointer, atomic_write_bytes
+from up2.config import get_task_entries
+
+__all__ = ["UP2Trainer", "create_ddp_model", "test_datasets_with_tasks", "write_eval_results"]
+
+logger = logging.getLogger(__name__)
+
+# Detectron2's evaluator_type metadata of each registration format -> up2 task type.
+_EVALUATOR_TYPE_TO_TASK = {"coco": "detection", "classification": "classification",
+                           "caption": "captioning", "mlm": "mlm"}
+
+
+def create_ddp_model(model: torch.nn.Module, **kwargs) -> torch.nn.Module:
+    """Wraps ``model`` in DDP when there are several processes; ``device_ids`` only on CUDA."""
+    if comm.get_world_size() == 1:
+        return model
+    if "device_ids" not in kwargs and next(model.parameters()).is_cuda:
+        kwargs["device_ids"] = [comm.get_local_rank()]
+    return DistributedDataParallel(model, **kwargs)
+
+
+def write_eval_results(output_dir: str, results: Dict[str, Dict[str, float]]):
+    """Writes ``output_dir/eval_results.json`` (atomically) and logs the results as a table; main
+    process only."""
+    from up2.evaluation import format_results_table
+
+    if not comm.is_main_process():
+        return
+    path = os.path.join(output_dir, "eval_results.json")
+    atomic_write_bytes(path, json.dumps(results, indent=2, sort_keys=True).encode())
+    logger.info("Evaluation results written to %s\n%s", path, format_results_table(results))
+
+
+def test_datasets_with_tasks(cfg) -> List[Tuple[str, str]]:
+    """Returns ``[(dataset_name, task_type)]`` to evaluate: every TEST_DATASETS entry of every task
+    in ``DATASETS.UP2.TASKS``, or ``DATASETS.TEST`` with the task given by each dataset's metadata."""
+    from detectron2.data import MetadataCatalog
+
+    entries = get_task_entries(cfg, require_train=False)
+    if entries:
+        return [(name, entry.type) for entry in entries for name in entry.test_datasets]
+    pairs = []
+    for name in cfg.DATASETS.TEST:
+        evaluator_type = MetadataCatalog.get(name).get("evaluator_type", None)
+        if evaluator_type not in _EVALUATOR_TYPE_TO_TASK:
+            raise ValueError(f"Cannot tell the task of test dataset '{name}' (evaluator_type="
+                             f"{evaluator_type!r}); list it under DATASETS.UP2.TASKS[*].TEST_DATASETS")
+        pairs.append((name, _EVALUATOR_TYPE_TO_TASK[evaluator_type]))
+    return pairs
+
+
+class UP2Trainer(DefaultTrainer):
+    """``DefaultTrainer`` with up2's DDP, checkpointer, optimizer and evaluators (see module doc)."""
+
+    def __init__(self, cfg):
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = create_ddp_model(model, broadcast_buffers=False)
+        trainer_cls = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
+        self._trainer = trainer_cls(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+        self._set_single_task()
+
+    def _set_single_task(self):
+        """A run without DATASETS.UP2.TASKS is one task sampled every step: s_k = 1, omega_k = 1."""
+        set_task = getattr(self.optimizer, "set_task", None)
+        if set_task is not None and not get_task_entries(self.cfg, require_train=False):
+            set_task(sampling_ratio=1.0, loss_weight=1.0)
+
+    def build_hooks(self):
+        """Detectron2's hooks; the evaluation hook also writes ``OUTPUT_DIR/eval_results.json``."""
+        hook_list = super().build_hooks()
+
+        def test_and_write_results():
+            results = self.test(self.cfg, self.model)
+            write_eval_results(self.cfg.OUTPUT_DIR, results)
+            return results
+
+        return [hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, test_and_write_results)
+                if isinstance(hook, hooks.EvalHook) else hook for hook in hook_list]
+
+    @property
+    def optimizer(self):
+        return self._trainer.optimizer
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        from up2.solver import build_optimizer
+
+        return build_optimizer(cfg, model)
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None, task_type=None):
+        from up2.evaluation import build_evaluator
+
+        if task_type is None:
+            task_type = dict(test_datasets_with_tasks(cfg)).get(dataset_name)
+        return build_evaluator(cfg, dataset_name, task_type, output_folder)
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None) -> Dict[str, Dict[str, float]]:
+        """Evaluates ``model`` on every test dataset of every task.
+
+        Returns:
+            ``{dataset_name: {metric: value}}`` with Detectron2's flat metric names ("bbox/AP").
+        """
+        results = OrderedDict()
+        for index, (dataset_name, task_type) in enumerate(test_datasets_with_tasks(cfg)):
+            data_loader = cls.build_test_loader(cfg, dataset_name)
+            if evaluators is not None:
+                evaluator = evaluators[index]
+            else:
+                evaluator = cls.build_evaluator(cfg, dataset_name, task_type=task_type)
+            dataset_results = inference_on_dataset(model, data_loader, evaluator)
+            results[dataset_name] = flatten_results_dict(dataset_results or {})
+            if comm.is_main_process():
+                logger.info("Evaluation results of %s (%s): %s", dataset_name, task_type, results[dataset_name])
+        return results
