@@ -1,0 +1,43 @@
+"""up2.engine.launch: two gloo processes on a CPU-only machine all-reduce a tensor."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    import up2
+    import torch
+    import torch.distributed as dist
+    from detectron2.utils import comm
+    from up2.engine import launch
+
+    def worker(out_dir):
+        rank = comm.get_rank()
+        value = torch.tensor([float(rank + 1), 10.0 * (rank + 1)])
+        dist.all_reduce(value)
+        record = {"rank": rank, "world_size": comm.get_world_size(), "local_rank": comm.get_local_rank(),
+                  "backend": dist.get_backend(), "sum": value.tolist(), "pid": os.getpid()}
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(record, f)
+
+    if __name__ == "__main__":
+        launch(worker, 2, dist_url="auto", args=(sys.argv[1],))
+""")
+
+
+def test_two_gloo_processes_all_reduce(tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(SCRIPT)
+    result = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True,
+                            timeout=180, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["rank"] for r in records] == [0, 1]
+    assert [r["local_rank"] for r in records] == [0, 1]
+    for record in records:
+        assert record["world_size"] == 2
+        assert record["backend"] == "gloo"
+        assert record["sum"] == [3.0, 30.0]
+    assert records[0]["pid"] != records[1]["pid"]
