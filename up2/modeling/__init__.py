@@ -1,2 +1,7 @@
-"""Modeling: backbones, region proposer, global pooling, text encoder, unified decoder, tasks."""
+"""Modeling: backbones, region proposer, global pooling, text encoder, unified decoder, tasks.
+
+Importing this package registers every built-in part in its registry (see ``build.py``).
+"""
 from up2.modeling import backbone  # noqa: F401  (registers the Swin backbone)
+from up2.modeling import global_pooling  # noqa: F401  (registers AttentionPooling)
+from up2.modeling.build import *  # noqa: F401,F403
