@@ -1,0 +1,113 @@
+"""Choice of the evaluator of a test dataset by its task type, and result formatting.
+
+Evaluators return Detectron2-style ``{task: {metric: value}}`` (``{"bbox": {"AP": ...}}``,
+``{"classification": {"top1": ...}}``, ...); :func:`flatten_results` turns them into the flat
+``{"bbox/AP": ...}`` of ``eval_results.json`` (Detectron2's ``flatten_results_dict`` convention).
+"""
+import logging
+import os
+from collections import OrderedDict
+from typing import Dict, Mapping, Optional
+
+from detectron2.evaluation import DatasetEvaluator
+from detectron2.evaluation.testing import flatten_results_dict
+from tabulate import tabulate
+
+from up2.config import TASK_TYPES
+from up2.evaluation.caption import CaptionEvaluator
+from up2.evaluation.classification import ClassificationEvaluator
+from up2.evaluation.coco import build_coco_evaluator
+from up2.evaluation.mlm import MLMEvaluator
+from up2.evaluation.retrieval import RetrievalEvaluator
+
+__all__ = ["build_evaluator", "flatten_results", "format_results_table", "print_results_table"]
+
+logger = logging.getLogger(__name__)
+
+
+def _cfg_get(node, dotted: str, default):
+    """``cfg.A.B.C`` when the key exists (the key may be added by a later config version)."""
+    for key in dotted.split("."):
+        if node is None or not hasattr(node, key):
+            return default
+        node = getattr(node, key)
+    return node
+
+
+def build_evaluator(cfg, dataset_name: str, task_type: str, output_dir: Optional[str] = None,
+                    *, class_agnostic: Optional[bool] = None) -> DatasetEvaluator:
+    """The evaluator of one test dataset.
+
+    Args:
+        cfg: the config (detection reads ``MODEL.UP2.TEST.DETECTIONS_PER_IMAGE`` and, when the key
+            exists, ``MODEL.UP2.TEST.CLASS_AGNOSTIC``).
+        dataset_name: a registered dataset.
+        task_type: one of ``up2.config.TASK_TYPES`` ("detection", "classification", "retrieval",
+            "captioning", "mlm").
+        output_dir: where evaluators write predictions (COCO results, captions); None means
+            ``cfg.OUTPUT_DIR/inference/<dataset_name>`` (Detectron2's train_net convention).
+        class_agnostic: detection only; overrides the config (one merged category).
+
+    Returns:
+        a ``DatasetEvaluator`` that gathers across ranks and returns ``{task: {metric: value}}`` on
+        the main process.
+    """
+    if task_type not in TASK_TYPES:
+        raise ValueError(f"Unknown task type {task_type!r} for test dataset '{dataset_name}'; expected one of "
+                         f"{', '.join(TASK_TYPES)}")
+    if output_dir is None:
+        output_dir = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+    if task_type == "detection":
+        if class_agnostic is None:
+            class_agnostic = bool(_cfg_get(cfg, "MODEL.UP2.TEST.CLASS_AGNOSTIC", False))
+        return build_coco_evaluator(dataset_name, output_dir, class_agnostic=class_agnostic,
+                                    max_dets_per_image=_cfg_get(cfg, "MODEL.UP2.TEST.DETECTIONS_PER_IMAGE", None))
+    if task_type == "classification":
+        return ClassificationEvaluator(dataset_name)
+    if task_type == "retrieval":
+        return RetrievalEvaluator(dataset_name)
+    if task_type == "captioning":
+        return CaptionEvaluator(dataset_name, output_dir=output_dir)
+    return MLMEvaluator(dataset_name)
+
+
+def flatten_results(results: Mapping) -> Dict[str, float]:
+    """``{task: {metric: value}}`` → ``{"task/metric": value}`` (Detectron2's ``flatten_results_dict``).
+
+    Args:
+        results: nested dict of numbers, any depth.
+
+    Returns:
+        flat dict with "/"-joined keys and float values.
+    """
+    return OrderedDict((k, float(v)) for k, v in flatten_results_dict(dict(results)).items())
+
+
+def format_results_table(results: Mapping, show_per_category: bool = False) -> str:
+    """A readable table of ``{dataset: {task: {metric: value}}}`` or of already flat
+    ``{dataset: {metric: value}}``: one row per (dataset, metric).
+
+    Args:
+        results: evaluation results per dataset.
+        show_per_category: include per-category AP rows ("bbox/AP-person"); hidden by default, with
+            a count of the hidden rows.
+
+    Returns:
+        the table as a string (tabulate's "pipe" format).
+    """
+    rows, hidden = [], 0
+    for dataset, dataset_results in results.items():
+        for metric, value in flatten_results(dataset_results or {}).items():
+            if not show_per_category and "/AP-" in metric:
+                hidden += 1
+                continue
+            rows.append((dataset, metric, value))
+    table = tabulate(rows, headers=["dataset", "metric", "value"], tablefmt="pipe", floatfmt=".3f")
+    if hidden:
+        table += f"\n({hidden} per-category AP values not shown)"
+    return table
+
+
+def print_results_table(results: Mapping, show_per_category: bool = False):
+    """Logs :func:`format_results_table` at INFO level (logger ``up2.evaluation.build``)."""
+    logger.info("Evaluation results:\n%s", format_results_table(results, show_per_category))
