@@ -192,6 +192,8 @@ def _add_model_config(cfg):
     cfg.MODEL.UP2.TEST.SCORE_THRESH = 0.0
     # Binarisation threshold of predicted mask probabilities.
     cfg.MODEL.UP2.TEST.MASK_THRESHOLD = 0.5
+    # Evaluate detection class-agnostically (every category merged into one "object").
+    cfg.MODEL.UP2.TEST.CLASS_AGNOSTIC = False
 
 
 def _add_datasets_config(cfg):

@@ -59,7 +59,7 @@ def test_class_folders(tmp_path):
     assert [(os.path.basename(os.path.dirname(r["file_name"])), r["label"]) for r in records] == [
         ("s0001", 0), ("s0002", 1), ("s0002", 1)]
     assert len({r["image_id"] for r in records}) == 3
-    assert MetadataCatalog.get(name).class_names == ["circle", "red square"]
+    assert MetadataCatalog.get(name).thing_classes == ["circle", "red square"]
 
 
 def test_class_folder_names_must_cover_every_directory(tmp_path):

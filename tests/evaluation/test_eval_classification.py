@@ -45,7 +45,7 @@ def test_bad_label_raises():
 
 def test_evaluator_two_batches():
     name = f"test_cls_{uuid.uuid4().hex[:8]}"
-    MetadataCatalog.get(name).set(class_names=[f"c{i}" for i in range(6)])
+    MetadataCatalog.get(name).set(thing_classes=[f"c{i}" for i in range(6)])
     evaluator = ClassificationEvaluator(name)
     evaluator.reset()
     for start in (0, 3):
@@ -60,7 +60,7 @@ def test_evaluator_two_batches():
 
 def test_evaluator_checks_number_of_classes():
     name = f"test_cls_{uuid.uuid4().hex[:8]}"
-    MetadataCatalog.get(name).set(class_names=["a", "b", "c"])
+    MetadataCatalog.get(name).set(thing_classes=["a", "b", "c"])
     evaluator = ClassificationEvaluator(name)
     with pytest.raises(ValueError, match="expected 3"):
         evaluator.process([{"image_id": 0, "label": 0}], [{"class_scores": torch.zeros(4)}])

@@ -25,22 +25,13 @@ __all__ = ["build_evaluator", "flatten_results", "format_results_table", "print_
 logger = logging.getLogger(__name__)
 
 
-def _cfg_get(node, dotted: str, default):
-    """``cfg.A.B.C`` when the key exists (the key may be added by a later config version)."""
-    for key in dotted.split("."):
-        if node is None or not hasattr(node, key):
-            return default
-        node = getattr(node, key)
-    return node
-
-
 def build_evaluator(cfg, dataset_name: str, task_type: str, output_dir: Optional[str] = None,
                     *, class_agnostic: Optional[bool] = None) -> DatasetEvaluator:
     """The evaluator of one test dataset.
 
     Args:
-        cfg: the config (detection reads ``MODEL.UP2.TEST.DETECTIONS_PER_IMAGE`` and, when the key
-            exists, ``MODEL.UP2.TEST.CLASS_AGNOSTIC``).
+        cfg: the config (detection reads ``MODEL.UP2.TEST.DETECTIONS_PER_IMAGE`` and
+            ``MODEL.UP2.TEST.CLASS_AGNOSTIC``).
         dataset_name: a registered dataset.
         task_type: one of ``up2.config.TASK_TYPES`` ("detection", "classification", "retrieval",
             "captioning", "mlm").
@@ -59,9 +50,9 @@ def build_evaluator(cfg, dataset_name: str, task_type: str, output_dir: Optional
         output_dir = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
     if task_type == "detection":
         if class_agnostic is None:
-            class_agnostic = bool(_cfg_get(cfg, "MODEL.UP2.TEST.CLASS_AGNOSTIC", False))
+            class_agnostic = cfg.MODEL.UP2.TEST.CLASS_AGNOSTIC
         return build_coco_evaluator(dataset_name, output_dir, class_agnostic=class_agnostic,
-                                    max_dets_per_image=_cfg_get(cfg, "MODEL.UP2.TEST.DETECTIONS_PER_IMAGE", None))
+                                    max_dets_per_image=cfg.MODEL.UP2.TEST.DETECTIONS_PER_IMAGE)
     if task_type == "classification":
         return ClassificationEvaluator(dataset_name)
     if task_type == "retrieval":

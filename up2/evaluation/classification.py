@@ -75,7 +75,7 @@ class ClassificationEvaluator(DatasetEvaluator):
     def __init__(self, dataset_name: str = "", distributed: bool = True, ks: Sequence[int] = (1, 5)):
         """
         Args:
-            dataset_name: registered dataset; its metadata ``class_names`` (when set) gives the
+            dataset_name: registered dataset; its metadata ``thing_classes`` (when set) gives the
                 expected number of classes C.
             distributed: gather across ranks and evaluate on the main process.
             ks: the K values of top-K accuracy.
@@ -83,7 +83,7 @@ class ClassificationEvaluator(DatasetEvaluator):
         self._dataset_name = dataset_name
         self._distributed = distributed
         self._ks = tuple(ks)
-        class_names = MetadataCatalog.get(dataset_name).get("class_names", None) if dataset_name else None
+        class_names = MetadataCatalog.get(dataset_name).get("thing_classes", None) if dataset_name else None
         self._num_classes = len(class_names) if class_names is not None else None
         self.reset()
 
@@ -98,7 +98,7 @@ class ClassificationEvaluator(DatasetEvaluator):
             expected = self._num_classes if self._num_classes is not None else self._num_seen_classes
             if expected is not None and num_classes != expected:
                 raise ValueError(f"class_scores of image {inp.get('image_id')} in '{self._dataset_name}' have "
-                                 f"{num_classes} entries; expected {expected} (metadata class_names)")
+                                 f"{num_classes} entries; expected {expected} (metadata thing_classes)")
             self._num_seen_classes = num_classes
             label = int(inp["label"])
             if not 0 <= label < num_classes:

@@ -10,8 +10,8 @@ Dataset dicts, by format:
 * COCO instances: Detectron2's standard dicts (``file_name``, ``height``, ``width``, ``image_id``,
   ``annotations``); metadata ``evaluator_type="coco"``, ``thing_classes``.
 * class folders (ImageNet layout ``root/<class_dir>/<image>``): ``{"file_name", "image_id",
-  "label"}`` with ``label`` in ``[0, C)`` following the sorted class directories; metadata
-  ``class_names`` (readable names from the class-name JSON), ``class_dirs``.
+  "label"}`` with ``label`` in ``[0, C)`` following the sorted class directories; metadata ``thing_classes``
+  (readable names from the class-name JSON, Detectron2's key for class names), ``class_dirs``.
 * COCO captions json: one dict per image ``{"file_name", "image_id", "height", "width",
   "captions": [str], "caption_ids": [int]}``.
 * text corpus (one passage per line): ``{"text", "text_id"}``.
@@ -125,7 +125,7 @@ def register_class_folder_dataset(name: str, root: str, class_names_file: str, p
     metadata = {}
     if os.path.isdir(root) and os.path.isfile(class_names_file):
         dirs = class_dirs()
-        metadata = {"class_dirs": dirs, "class_names": _read_class_names(class_names_file, dirs)}
+        metadata = {"class_dirs": dirs, "thing_classes": _read_class_names(class_names_file, dirs)}
     _register(name, load, image_root=root, class_names_file=class_names_file,
               evaluator_type="classification", prepare_hint=prepare_hint, **metadata)
 

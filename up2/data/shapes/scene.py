@@ -1,5 +1,12 @@
-"""Drawing of `shapes` images: textured backgrounds, rotated coloured shapes, visible masks and
-their COCO polygons. Everything is driven by a ``numpy.random.Generator`` so output is reproducible."""
+"""Drawing of `shapes` images: textured backgrounds, rotated shapes, visible masks, COCO polygons.
+
+Everything is driven by a ``numpy.random.Generator``: the same generator state gives the same
+image and the same masks. Shapes are rasterised without anti-aliasing, so a visible mask is exactly
+the set of pixels painted in the shape's colour.
+
+Coordinates: ``mask[row, col]``; in COCO coordinates pixel ``(col, row)`` covers
+``[col, col + 1) x [row, row + 1)``.
+"""
 import math
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
@@ -7,159 +14,275 @@ from typing import List, Optional, Sequence, Tuple
 import contourpy
 import numpy as np
 from PIL import Image, ImageDraw
-from scipy import ndimage
 
-__all__ = ["Instance", "shape_vertices", "render_background", "compose_scene", "mask_to_polygons",
-           "BACKGROUND_WORDS"]
+__all__ = [
+    "Instance",
+    "shape_outline",
+    "rasterize",
+    "render_background",
+    "is_simple_region",
+    "compose_scene",
+    "mask_to_polygons",
+    "mask_to_bbox",
+]
 
-# How captions name each background texture of render_background, in the order of its kinds.
-BACKGROUND_WORDS = ("smooth", "mottled", "striped", "checkered")
+MIN_SHAPE_PIXELS = 40  # smaller drawings are not recognisable
+CONTRAST_DISTANCE = 60.0  # RGB distance under which a neighbouring pixel "looks the same"
+MAX_LOOKALIKE_BORDER = 0.2  # at most this fraction of a shape's outline may border look-alike pixels
 
 
 @dataclass
 class Instance:
-    """One drawn shape: category index (0-based), colour name, centre (x, y), radius, visible mask."""
+    """One drawn shape.
+
+    Attributes:
+        category: 0-based index into the spec's categories.
+        color: colour name.
+        radius: radius (pixels) of the circle the shape is inscribed in.
+        full_mask: (H, W) bool, every pixel the shape covered when drawn.
+        mask: (H, W) bool, the pixels still visible once later shapes are drawn.
+    """
 
     category: int
     color: str
-    center: Tuple[float, float]
     radius: float
-    mask: np.ndarray  # (H, W) bool, the visible pixels
+    full_mask: np.ndarray
+    mask: np.ndarray
+
+    @property
+    def area(self) -> int:
+        """Visible pixel count."""
+        return int(self.mask.sum())
+
+    @property
+    def centroid(self) -> Tuple[float, float]:
+        """(x, y) centre of the visible pixels, in COCO coordinates."""
+        rows, cols = np.nonzero(self.mask)
+        return float(cols.mean() + 0.5), float(rows.mean() + 0.5)
 
 
-def _regular_polygon(sides: int, radius: float, phase: float) -> np.ndarray:
+def _regular(sides: int, radius: float, phase: float) -> np.ndarray:
     angles = phase + 2 * math.pi * np.arange(sides) / sides
-    return np.stack([radius * np.cos(angles), radius * np.sin(angles)], axis=1)
+    return radius * np.stack([np.cos(angles), np.sin(angles)], axis=1)
 
 
-def shape_vertices(name: str, radius: float, rotation: float) -> np.ndarray:
-    """Vertices (K, 2) of a shape centred at the origin, fitting in a circle of ``radius``."""
+def shape_outline(name: str, radius: float, rotation: float) -> np.ndarray:
+    """Vertices (K, 2) as (x, y) of shape ``name`` centred at the origin, inside a circle of
+    ``radius``, rotated by ``rotation`` radians. Image y points down, so "up" is negative y."""
+    r = radius
     if name == "circle":
-        points = _regular_polygon(48, radius, 0.0)
+        points = _regular(64, r, 0.0)
     elif name == "square":
-        points = _regular_polygon(4, radius, math.pi / 4)
-    elif name == "diamond":
-        points = _regular_polygon(4, radius, 0.0) * np.array([0.7, 1.0])
+        points = _regular(4, r, math.pi / 4)
     elif name == "triangle":
-        points = _regular_polygon(3, radius, -math.pi / 2)
+        points = _regular(3, r, -math.pi / 2)
     elif name == "pentagon":
-        points = _regular_polygon(5, radius, -math.pi / 2)
+        points = _regular(5, r, -math.pi / 2)
     elif name == "hexagon":
-        points = _regular_polygon(6, radius, 0.0)
+        points = _regular(6, r, 0.0)
     elif name == "star":
-        outer = _regular_polygon(5, radius, -math.pi / 2)
-        inner = _regular_polygon(5, radius * 0.45, -math.pi / 2 + math.pi / 5)
+        outer = _regular(5, r, -math.pi / 2)
+        inner = _regular(5, 0.47 * r, -math.pi / 2 + math.pi / 5)
         points = np.stack([outer, inner], axis=1).reshape(-1, 2)
+    elif name == "diamond":
+        points = np.array([[0.0, -r], [0.6 * r, 0.0], [0.0, r], [-0.6 * r, 0.0]])
     elif name == "cross":
-        a, b = radius * 0.75, radius * 0.27
+        a, b = 0.8 * r, 0.28 * r
         points = np.array([[-b, -a], [b, -a], [b, -b], [a, -b], [a, b], [b, b], [b, a], [-b, a], [-b, b],
                            [-a, b], [-a, -b], [-b, -b]])
     elif name == "heart":
-        t = np.linspace(0, 2 * math.pi, 60, endpoint=False)
+        t = np.linspace(0.0, 2 * math.pi, 72, endpoint=False)
         x = 16 * np.sin(t) ** 3
-        y = -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))
-        points = np.stack([x, y], axis=1) * (radius / 17.0)
+        y = -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t)) - 2.5
+        points = np.stack([x, y], axis=1)
+        points *= r / np.linalg.norm(points, axis=1).max()
     elif name == "arrow":
-        a, h, w = radius, radius * 0.2, radius * 0.55
-        points = np.array([[-a, -h], [0.1 * a, -h], [0.1 * a, -w], [a, 0.0], [0.1 * a, w], [0.1 * a, h], [-a, h]])
+        shaft, head = 0.22 * r, 0.6 * r
+        points = np.array([[-r, -shaft], [0.1 * r, -shaft], [0.1 * r, -head], [r, 0.0], [0.1 * r, head],
+                           [0.1 * r, shaft], [-r, shaft]])
     else:
-        raise ValueError(f"unknown shape {name!r}")
+        raise ValueError(f"unknown shape {name!r}; expected one of the categories in spec.json")
     c, s = math.cos(rotation), math.sin(rotation)
     return points @ np.array([[c, s], [-s, c]])
 
 
-def render_background(rng: np.random.Generator, size: int, palette: Sequence[Sequence[int]]) -> Tuple[np.ndarray, str]:
-    """Returns a (size, size, 3) uint8 texture (gradient, smooth noise, stripes or checkerboard in
-    random colours) and its word in BACKGROUND_WORDS."""
-    kind = int(rng.integers(4))
-    first = np.asarray(palette[rng.integers(len(palette))], dtype=np.float32) * rng.uniform(0.35, 0.9)
-    second = rng.uniform(0, 255, size=3).astype(np.float32)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    if kind == 0:  # linear gradient in a random direction
-        angle = rng.uniform(0, 2 * math.pi)
-        t = np.clip((xx - 0.5) * math.cos(angle) + (yy - 0.5) * math.sin(angle) + 0.5, 0, 1)[..., None]
-        image = first * (1 - t) + second * t
-    elif kind == 1:  # smooth noise
-        coarse = rng.uniform(0, 1, size=(8, 8)).astype(np.float32)
-        t = np.asarray(Image.fromarray(coarse).resize((size, size), Image.BILINEAR))[..., None]
-        image = first * (1 - t) + second * t
-    elif kind == 2:  # stripes
-        period, angle = rng.uniform(0.08, 0.25), rng.uniform(0, math.pi)
-        t = ((xx * math.cos(angle) + yy * math.sin(angle)) / period % 1.0 < 0.5)[..., None]
-        image = np.where(t, first, second * 0.8)
-    else:  # checkerboard
-        cells = rng.integers(3, 9)
-        t = (((xx * cells).astype(int) + (yy * cells).astype(int)) % 2 == 0)[..., None]
-        image = np.where(t, first, second * 0.8)
-    image = image + rng.normal(0, 6, size=image.shape)
-    return np.clip(image, 0, 255).astype(np.uint8), BACKGROUND_WORDS[kind]
-
-
-def _rasterise(vertices: np.ndarray, center: Tuple[float, float], size: int) -> np.ndarray:
-    canvas = Image.new("L", (size, size), 0)
-    points = [(float(x + center[0]), float(y + center[1])) for x, y in vertices]
-    ImageDraw.Draw(canvas).polygon(points, fill=1)
+def rasterize(vertices: np.ndarray, center: Tuple[float, float], size: int) -> np.ndarray:
+    """(size, size) bool mask of the polygon ``vertices + center`` (no anti-aliasing)."""
+    canvas = Image.new("1", (size, size), 0)
+    ImageDraw.Draw(canvas).polygon([(float(x) + center[0], float(y) + center[1]) for x, y in vertices], fill=1)
     return np.asarray(canvas, dtype=bool)
 
 
-def _is_simple_region(mask: np.ndarray) -> bool:
-    """One 8-connected piece without holes."""
-    _, num_pieces = ndimage.label(mask, structure=np.ones((3, 3)))
-    return num_pieces == 1 and bool(np.array_equal(ndimage.binary_fill_holes(mask), mask))
+def _random_color(rng: np.random.Generator, palette: Sequence[Sequence[int]]) -> np.ndarray:
+    """Half the time a darkened/jittered shape colour (so backgrounds share the shapes' hues),
+    otherwise any colour."""
+    if rng.random() < 0.5:
+        base = np.asarray(palette[int(rng.integers(len(palette)))], dtype=np.float32)
+        return base * rng.uniform(0.55, 1.0) + rng.uniform(-20, 20, size=3)
+    return rng.uniform(0, 255, size=3).astype(np.float32)
 
 
-def compose_scene(rng: np.random.Generator, size: int, shapes: Sequence[Tuple[int, str, str, float]],
-                  colors: dict, background: np.ndarray, min_visible: float = 0.5,
-                  max_tries: int = 30) -> Tuple[np.ndarray, List[Instance]]:
-    """Draws shapes one over another at random places; a placement is kept only if every instance
-    keeps >= ``min_visible`` of its area and one hole-free visible piece.
-
-    Args:
-        shapes: (category index, shape name, colour name, radius) per requested shape.
-        colors: colour name -> RGB.
-        background: (size, size, 3) uint8.
+def render_background(rng: np.random.Generator, size: int, palette: Sequence[Sequence[int]]) -> Tuple[np.ndarray, int]:
+    """A textured background and its kind.
 
     Returns:
-        the (size, size, 3) uint8 image and the placed instances (some may be dropped).
+        (size, size, 3) uint8 image and the kind: 0 gradient, 1 noisy, 2 striped, 3 checkered
+        (the order of ``backgrounds`` in spec.json).
     """
+    kind = int(rng.integers(4))
+    first, second = _random_color(rng, palette), _random_color(rng, palette)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    if kind == 0:
+        angle = rng.uniform(0, 2 * math.pi)
+        t = ((xx - size / 2) * math.cos(angle) + (yy - size / 2) * math.sin(angle)) / size + 0.5
+        t = np.clip(t, 0, 1)
+        noise = 4.0
+    elif kind == 1:
+        cells = int(rng.integers(3, 9))
+        coarse = Image.fromarray(rng.uniform(0, 1, size=(cells, cells)).astype(np.float32))
+        t = np.asarray(coarse.resize((size, size), Image.BICUBIC), dtype=np.float32).clip(0, 1)
+        noise = 14.0
+    elif kind == 2:
+        period, angle = rng.uniform(0.06, 0.25) * size, rng.uniform(0, math.pi)
+        t = (((xx * math.cos(angle) + yy * math.sin(angle)) / period) % 1.0 < 0.5).astype(np.float32)
+        noise = 4.0
+    else:
+        cell = rng.uniform(0.06, 0.25) * size
+        t = ((np.floor(xx / cell) + np.floor(yy / cell)) % 2).astype(np.float32)
+        noise = 4.0
+    image = first * (1 - t[..., None]) + second * t[..., None]
+    image = image + rng.normal(0.0, noise, size=image.shape)
+    return np.clip(image, 0, 255).astype(np.uint8), kind
+
+
+def _crop(mask: np.ndarray) -> Optional[np.ndarray]:
+    """The mask's bounding crop padded by one empty pixel, or None when the mask is empty."""
+    rows, cols = np.any(mask, axis=1), np.any(mask, axis=0)
+    if not rows.any():
+        return None
+    r0, r1 = np.argmax(rows), len(rows) - np.argmax(rows[::-1])
+    c0, c1 = np.argmax(cols), len(cols) - np.argmax(cols[::-1])
+    return np.pad(mask[r0:r1, c0:c1], 1)
+
+
+def is_simple_region(mask: np.ndarray) -> bool:
+    """True when ``mask`` is one piece without holes whose outline is one simple curve: no two
+    pixels touch only at a corner (so 4- and 8-connectivity agree) and the 0.5 iso-line of the mask
+    is a single closed line."""
+    crop = _crop(mask)
+    if crop is None:
+        return False
+    a, b, c, d = crop[:-1, :-1], crop[:-1, 1:], crop[1:, :-1], crop[1:, 1:]
+    if np.any((a & d & ~b & ~c) | (b & c & ~a & ~d)):
+        return False
+    return len(contourpy.contour_generator(z=crop.astype(np.float64)).lines(0.5)) == 1
+
+
+def _ring(mask: np.ndarray) -> np.ndarray:
+    """Pixels 4-adjacent to ``mask`` but outside it."""
+    grown = mask.copy()
+    grown[1:] |= mask[:-1]
+    grown[:-1] |= mask[1:]
+    grown[:, 1:] |= mask[:, :-1]
+    grown[:, :-1] |= mask[:, 1:]
+    return grown & ~mask
+
+
+def _stands_out(image: np.ndarray, drawn: np.ndarray, rgb: np.ndarray) -> bool:
+    """The shape's outline is mostly against pixels of a clearly different colour."""
+    ring = _ring(drawn)
+    if not ring.any():  # the shape fills the image
+        return True
+    distance = np.linalg.norm(image[ring].astype(np.float32) - rgb, axis=1)
+    return float(np.mean(distance < CONTRAST_DISTANCE)) <= MAX_LOOKALIKE_BORDER
+
+
+def compose_scene(rng: np.random.Generator, background: np.ndarray, requests: Sequence[Tuple[int, str, float]],
+                  names: Sequence[str], colors: dict, min_visible: float = 0.5,
+                  max_tries: int = 40) -> Tuple[np.ndarray, List[Instance]]:
+    """Draws the requested shapes one over another, each at a random place and rotation.
+
+    A placement is kept only when the new shape stands out from what is under its outline, and
+    after it every instance keeps ``>= min_visible`` of its drawn area, visible as one simple region
+    (:func:`is_simple_region`). A shape that finds no such placement in ``max_tries`` is left out.
+
+    Args:
+        background: (S, S, 3) uint8.
+        requests: (category index, colour name, radius in pixels) per shape, bottom to top.
+        names: category names (index -> name).
+        colors: colour name -> RGB.
+
+    Returns:
+        the (S, S, 3) uint8 image and the placed instances, bottom to top.
+    """
+    size = background.shape[0]
     image = background.copy()
-    owner = np.full((size, size), -1, dtype=np.int32)
-    areas: List[int] = []
     instances: List[Instance] = []
-    for category, name, color, radius in shapes:
-        rotation = rng.uniform(0, 2 * math.pi)
-        vertices = shape_vertices(name, radius, rotation)
+    for category, color, radius in requests:
+        rgb = np.clip(np.asarray(colors[color], dtype=np.float32) + rng.uniform(-12, 12, size=3), 0, 255)
+        low, high = radius + 1.0, size - radius - 1.0
+        if low > high:
+            raise ValueError(f"a shape of radius {radius:.1f} does not fit in a {size}x{size} image")
         for _ in range(max_tries):
-            center = (rng.uniform(radius * 0.6, size - radius * 0.6), rng.uniform(radius * 0.6, size - radius * 0.6))
-            drawn = _rasterise(vertices, center, size)
-            if drawn.sum() < 40:
+            outline = shape_outline(names[category], radius, rng.uniform(0, 2 * math.pi))
+            drawn = rasterize(outline, (rng.uniform(low, high), rng.uniform(low, high)), size)
+            if drawn.sum() < MIN_SHAPE_PIXELS or not _stands_out(image, drawn, rgb) or not is_simple_region(drawn):
                 continue
-            new_owner = np.where(drawn, len(instances), owner)
-            masks = [new_owner == i for i in range(len(instances) + 1)]
-            full_areas = areas + [int(drawn.sum())]
-            if all(m.sum() >= min_visible * a and _is_simple_region(m) for m, a in zip(masks, full_areas)):
-                owner, areas = new_owner, full_areas
-                image[drawn] = np.clip(np.asarray(colors[color]) + rng.normal(0, 8, size=3), 0, 255).astype(np.uint8)
-                instances.append(Instance(category, color, center, radius, drawn))
+            updated = {}
+            for index, other in enumerate(instances):
+                if not (other.mask & drawn).any():
+                    continue
+                visible = other.mask & ~drawn
+                if visible.sum() < min_visible * other.full_mask.sum() or not is_simple_region(visible):
+                    break
+                updated[index] = visible
+            else:
+                for index, visible in updated.items():
+                    instances[index].mask = visible
+                image[drawn] = rgb.astype(np.uint8)
+                instances.append(Instance(category, color, float(radius), drawn, drawn.copy()))
                 break
-    for index, instance in enumerate(instances):
-        instance.mask = owner == index
-    return image, instances
+    noisy = image.astype(np.float32) + rng.normal(0.0, 3.0, size=image.shape)
+    return np.clip(noisy, 0, 255).astype(np.uint8), instances
 
 
-def mask_to_polygons(mask: np.ndarray) -> Optional[List[List[float]]]:
-    """COCO polygons ``[[x1, y1, x2, y2, ...]]`` (pixel-edge coordinates) of a binary mask's outline.
+def mask_to_bbox(mask: np.ndarray) -> List[float]:
+    """COCO box ``[x, y, w, h]`` of the mask's pixels (pixel edges, so a 1-pixel mask has w = 1)."""
+    rows, cols = np.nonzero(mask)
+    x0, y0 = int(cols.min()), int(rows.min())
+    return [float(x0), float(y0), float(cols.max() + 1 - x0), float(rows.max() + 1 - y0)]
 
-    The contour at level 0.5 runs half-way between pixel centres; pixel (col, row) covers
-    [col, col + 1) x [row, row + 1) in COCO coordinates, hence the +0.5 shift.
+
+def _drop_collinear(points: np.ndarray) -> np.ndarray:
+    """Removes vertices lying on the straight segment between their neighbours (closed polygon)."""
+    before, after = np.roll(points, 1, axis=0), np.roll(points, -1, axis=0)
+    cross = (points[:, 0] - before[:, 0]) * (after[:, 1] - before[:, 1]) - \
+        (points[:, 1] - before[:, 1]) * (after[:, 0] - before[:, 0])
+    return points[np.abs(cross) > 1e-9]
+
+
+def mask_to_polygons(mask: np.ndarray) -> List[List[float]]:
+    """COCO polygons ``[[x1, y1, x2, y2, ...], ...]`` of a binary mask, one per outline.
+
+    The outline is the mask's 0.5 iso-line (contourpy): it follows pixel edges and cuts each
+    corner pixel diagonally, so every point lies within the mask's box (:func:`mask_to_bbox`) and
+    rasterising the polygon gives back nearly the same pixels. Outlines of holes are returned as
+    polygons too, as COCO has no holes in polygons; a region that passes :func:`is_simple_region`
+    has exactly one. Coordinates are multiples of 0.5.
     """
-    padded = np.pad(mask.astype(np.float64), 1)
-    lines = contourpy.contour_generator(z=padded).lines(0.5)
+    rows, cols = np.nonzero(mask)
+    if len(rows) == 0:
+        return []
+    r0, c0 = int(rows.min()), int(cols.min())
+    crop = np.pad(mask[r0:rows.max() + 1, c0:cols.max() + 1].astype(np.float64), 1)
     polygons = []
-    for line in lines:
-        points = np.asarray(line)[:, :2] - 1 + 0.5  # undo padding, centre -> edge coordinates
-        if len(points) > 1 and np.allclose(points[0], points[-1]):
+    for line in contourpy.contour_generator(z=crop).lines(0.5):
+        points = np.asarray(line, dtype=np.float64)
+        if len(points) > 1 and np.array_equal(points[0], points[-1]):
             points = points[:-1]
+        points = _drop_collinear(points)
         if len(points) >= 3:
-            polygons.append([round(float(v), 2) for v in points.reshape(-1)])
-    return polygons or None
+            # crop index -> image index (-1 for the padding) -> COCO (+0.5: index i is a pixel centre)
+            points = points + np.array([c0 - 1 + 0.5, r0 - 1 + 0.5])
+            polygons.append([float(v) for v in points.reshape(-1)])
+    return polygons
