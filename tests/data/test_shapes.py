@@ -1,153 +1,280 @@
-"""The `shapes` generator: determinism, real formats, correct masks/boxes/captions, tokenizer."""
+"""The `shapes` generator: determinism, real formats, masks/boxes against the pixels, captions
+against the annotations, class folders, corpus and tokenizer."""
 import filecmp
 import json
+import logging
 import os
 import re
 import subprocess
 import sys
+from collections import Counter
 
 import numpy as np
 import pytest
+from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from up2.data.datasets import register_all_shapes
-from up2.data.shapes import generate_shapes, load_spec
-from up2.data.shapes.scene import compose_scene, mask_to_polygons, render_background
+from up2.data.shapes import generate_shapes, load_spec, render_scene
+from up2.data.shapes.__main__ import main as shapes_main
+from up2.data.shapes.scene import is_simple_region, mask_to_bbox, mask_to_polygons
 
-SMALL = {"num_train": 30, "num_val": 10, "vocab_size": 400}
+SMALL = {"num_train": 40, "num_val": 10, "vocab_size": 600}
+SPEC = load_spec()
+NAMES = {c["id"]: c["name"] for c in SPEC["categories"]}
+PLURALS = {c["plural"]: c["name"] for c in SPEC["categories"]}
+COLORS = {c["name"]: np.array(c["rgb"], dtype=np.float32) for c in SPEC["colors"]}
+NUMBERS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6}
 
 
 @pytest.fixture(scope="module")
 def shapes_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("shapes") / "shapes"
-    generate_shapes(str(out), seed=0, **SMALL)
+    info = generate_shapes(str(out), seed=0, workers=2, **SMALL)
+    assert info["complete"] and info["seed"] == 0
     return out
 
 
-def tree_files(root):
+def _tree(root):
     return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, files in os.walk(root) for f in files)
 
 
-def test_same_seed_same_bytes_other_seed_differs(shapes_dir, tmp_path):
-    again, other = tmp_path / "again", tmp_path / "other"
-    generate_shapes(str(again), seed=0, **SMALL)
-    generate_shapes(str(other), seed=1, **SMALL)
-    files = tree_files(shapes_dir)
-    assert files == tree_files(again) and any(f.startswith("tokenizer") for f in files)
+def _decode(annotation, size):
+    rle = mask_utils.merge(mask_utils.frPyObjects(annotation["segmentation"], size, size))
+    return mask_utils.decode(rle).astype(bool)
+
+
+def _load(shapes_dir, kind, split):
+    return json.loads((shapes_dir / "annotations" / f"{kind}_{split}.json").read_text())
+
+
+def test_same_seed_same_bytes_any_workers_other_seed_differs(shapes_dir, tmp_path):
+    again = tmp_path / "again"
+    generate_shapes(str(again), seed=0, workers=1, **SMALL)
+    files = _tree(shapes_dir)
+    assert files == _tree(again)
+    assert {"tokenizer/tokenizer.json", "shapes_info.json", "text/train.txt",
+            "classification/class_names.json"} <= set(files)
     _, mismatch, errors = filecmp.cmpfiles(shapes_dir, again, files, shallow=False)
     assert mismatch == [] and errors == []
-    _, mismatch_other, _ = filecmp.cmpfiles(shapes_dir, other, files, shallow=False)
-    assert any(f.startswith("images") for f in mismatch_other)
-    assert "annotations/captions_train.json" in mismatch_other
+    # a previous shapes output may be overwritten; another seed gives other files
+    generate_shapes(str(again), seed=1, **SMALL)
+    _, mismatch, _ = filecmp.cmpfiles(shapes_dir, again, files, shallow=False)
+    for name in ("annotations/instances_train.json", "annotations/captions_val.json", "text/train.txt",
+                 "images/train/000000000001.jpg", "classification/val/s0001/000000.jpg"):
+        assert name in mismatch
 
 
-def test_cli_help_and_refuses_foreign_directory(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "up2.data.shapes", "--help"], capture_output=True, text=True)
-    assert result.returncode == 0 and "--num-train" in result.stdout and "--seed" in result.stdout
+def test_cli_help():
+    result = subprocess.run([sys.executable, "-m", "up2.data.shapes", "--help"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    for flag in ("--out", "--seed", "--num-train", "--num-val", "--image-size", "--vocab-size"):
+        assert flag in result.stdout
+
+
+def test_refuses_non_empty_directory_that_is_not_shapes(tmp_path, caplog):
     (tmp_path / "precious.txt").write_text("keep me")
-    result = subprocess.run([sys.executable, "-m", "up2.data.shapes", "--out", str(tmp_path), "--num-train", "2",
-                             "--num-val", "1"], capture_output=True, text=True)
-    assert result.returncode != 0 and str(tmp_path) in result.stderr
-    assert (tmp_path / "precious.txt").read_text() == "keep me"
+    with pytest.raises(FileExistsError, match=re.escape(str(tmp_path))):
+        generate_shapes(str(tmp_path), num_train=2, num_val=1)
+    with caplog.at_level(logging.ERROR):
+        assert shapes_main(["--out", str(tmp_path), "--num-train", "2", "--num-val", "1"]) == 2
+    assert "shapes_info.json" in caplog.text and str(tmp_path) in caplog.text
+    assert os.listdir(tmp_path) == ["precious.txt"] and (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_mask_helpers_known_answers():
+    rect = np.zeros((8, 9), dtype=bool)
+    rect[2:5, 3:7] = True
+    assert mask_to_bbox(rect) == [3.0, 2.0, 4.0, 3.0]
+    (polygon,) = mask_to_polygons(rect)
+    points = np.array(polygon).reshape(-1, 2)
+    # the 0.5 iso-line follows the pixel edges and cuts each corner pixel in half: an octagon
+    assert len(points) == 8
+    assert points[:, 0].min() == 3 and points[:, 0].max() == 7 and points[:, 1].min() == 2 and points[:, 1].max() == 5
+    assert np.array_equal(_decode({"segmentation": [polygon]}, 9)[:8, :9], rect)
+    assert is_simple_region(rect)
+    ring = rect.copy()
+    ring[3, 4:6] = False
+    assert not is_simple_region(ring)  # a hole
+    two = rect.copy()
+    two[:, 7:] = False
+    two[6, 8] = True
+    assert not is_simple_region(two)  # two pieces
+    diagonal = np.zeros((5, 5), dtype=bool)
+    diagonal[1, 1] = diagonal[2, 2] = True
+    assert not is_simple_region(diagonal)  # pixels touching at a corner only
 
 
 @pytest.mark.parametrize("split", ["train", "val"])
-def test_instances_load_and_masks_lie_in_boxes(shapes_dir, split):
+def test_coco_instances_load_and_masks_lie_in_boxes(shapes_dir, split):
     coco = COCO(str(shapes_dir / "annotations" / f"instances_{split}.json"))
     assert len(coco.getImgIds()) == SMALL[f"num_{split}"]
-    assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == [c["name"] for c in load_spec()["categories"]]
-    for annotation in coco.loadAnns(coco.getAnnIds()):
-        mask = coco.annToMask(annotation)
-        assert mask.any()
+    assert [c["name"] for c in coco.loadCats(sorted(coco.getCatIds()))] == [c["name"] for c in SPEC["categories"]]
+    annotations = coco.loadAnns(coco.getAnnIds())
+    assert len({a["id"] for a in annotations}) == len(annotations)
+    for image in coco.loadImgs(coco.getImgIds()):
+        assert (shapes_dir / "images" / split / image["file_name"]).is_file()
+        assert image["height"] == image["width"] == 128 and image["file_name"] == f"{image['id']:012d}.jpg"
+    for annotation in annotations:
         x, y, w, h = annotation["bbox"]
+        assert annotation["iscrowd"] == 0 and w > 0 and h > 0
+        for polygon in annotation["segmentation"]:
+            points = np.array(polygon).reshape(-1, 2)
+            assert len(polygon) >= 6 and len(polygon) % 2 == 0
+            assert (points[:, 0] >= x).all() and (points[:, 0] <= x + w).all()
+            assert (points[:, 1] >= y).all() and (points[:, 1] <= y + h).all()
+        mask = coco.annToMask(annotation).astype(bool)
         rows, cols = np.nonzero(mask)
-        assert cols.min() >= np.floor(x) and cols.max() + 1 <= np.ceil(x + w) + 1e-6
-        assert rows.min() >= np.floor(y) and rows.max() + 1 <= np.ceil(y + h) + 1e-6
-        assert all(len(polygon) >= 6 for polygon in annotation["segmentation"])
-        # COCO's area is the visible pixel count; the decoded polygon covers nearly the same pixels.
-        assert abs(mask.sum() - annotation["area"]) <= 0.2 * annotation["area"] + 4
+        assert cols.min() >= x and cols.max() + 1 <= x + w and rows.min() >= y and rows.max() + 1 <= y + h
+        assert abs(int(mask.sum()) - annotation["area"]) <= 0.1 * annotation["area"]
 
 
-def test_every_category_appears(shapes_dir):
-    coco = COCO(str(shapes_dir / "annotations" / "instances_train.json"))
-    assert all(len(coco.getAnnIds(catIds=[c])) > 0 for c in coco.getCatIds())
+@pytest.mark.parametrize("split_id,split", [(0, "train"), (1, "val")])
+def test_annotations_match_re_rendered_masks_and_image_pixels(shapes_dir, split_id, split):
+    data = _load(shapes_dir, "instances", split)
+    by_image = {}
+    for annotation in data["annotations"]:
+        by_image.setdefault(annotation["image_id"], []).append(annotation)
+    for index, image in enumerate(data["images"][:12]):
+        sample = render_scene(0, split_id, index, 128, SPEC)
+        annotations = by_image[image["id"]]
+        assert len(annotations) == len(sample.instances) >= 1
+        pixels = np.asarray(Image.open(shapes_dir / "images" / split / image["file_name"]).convert("RGB"), np.float32)
+        assert np.abs(pixels - sample.image).mean() < 5  # the stored JPEG is the rendered image
+        for annotation, instance in zip(annotations, sample.instances):
+            assert NAMES[annotation["category_id"]] == SPEC["categories"][instance.category]["name"]
+            assert annotation["color"] == instance.color and annotation["area"] == instance.mask.sum()
+            decoded = _decode(annotation, 128)
+            iou = (decoded & instance.mask).sum() / (decoded | instance.mask).sum()
+            assert iou >= 0.9, iou
+            assert is_simple_region(instance.mask) and instance.mask.sum() >= 0.5 * instance.full_mask.sum()
+            # independent of the renderer: the mask's inner pixels in the JPEG have the named colour
+            inner = decoded.copy()
+            inner[1:-1, 1:-1] = decoded[1:-1, 1:-1] & decoded[:-2, 1:-1] & decoded[2:, 1:-1] & \
+                decoded[1:-1, :-2] & decoded[1:-1, 2:]
+            if inner.sum() >= 10:
+                distance = np.linalg.norm(pixels[inner] - COLORS[annotation["color"]], axis=1)
+                assert np.median(distance) < 40, (image["file_name"], annotation["color"], np.median(distance))
 
 
-def test_polygons_reproduce_visible_masks():
-    spec = load_spec()
-    names, colors = [c["name"] for c in spec["categories"]], spec["colors"]
-    rng = np.random.default_rng(5)
-    ious = []
-    for _ in range(15):
-        background, _ = render_background(rng, 96, list(colors.values()))
-        request = [(k, names[k], "red", float(rng.uniform(8, 30))) for k in rng.integers(10, size=4)]
-        _, instances = compose_scene(rng, 96, request, colors, background)
-        for instance in instances:
-            polygons = mask_to_polygons(instance.mask)
-            decoded = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(polygons, 96, 96))).astype(bool)
-            ious.append((decoded & instance.mask).sum() / (decoded | instance.mask).sum())
-            assert instance.mask.sum() > 0
-    assert min(ious) >= 0.9, min(ious)
+def test_every_category_appears_in_every_split(shapes_dir):
+    for split in ("train", "val"):
+        present = {a["category_id"] for a in _load(shapes_dir, "instances", split)["annotations"]}
+        assert present == set(NAMES)
 
 
-def test_captions_describe_the_instances(shapes_dir):
-    spec = load_spec()
-    names = {c["id"]: c["name"] for c in spec["categories"]}
-    instances = json.loads((shapes_dir / "annotations" / "instances_train.json").read_text())
-    captions = json.loads((shapes_dir / "annotations" / "captions_train.json").read_text())
-    assert [i["id"] for i in instances["images"]] == [i["id"] for i in captions["images"]]
-    present = {}
+def _check_caption(text, pairs, centroids):
+    """Checks one caption against the image's (colour, shape) instances and their centroids."""
+    assert text == text.lower() and text.strip() == text
+    assert not re.search(r"\ba [aeiou]|\ban [^aeiou ]", text), text
+    words = re.findall(r"[a-z-]+", text)
+    shapes = {PLURALS.get(w, w) for w in words} & set(NAMES.values())
+    assert shapes and shapes <= {s for _, s in pairs}, text
+    for i, word in enumerate(words[:-1]):
+        if word in COLORS:
+            following = PLURALS.get(words[i + 1], words[i + 1])
+            if following in NAMES.values():
+                assert (word, following) in pairs, text
+            else:
+                assert following in ("shape", "shapes", "background") or following in COLORS, text
+    for number, first, second in re.findall(r"\b(one|two|three|four|five|six) ([a-z]+)(?: ([a-z]+))?", text):
+        count = NUMBERS[number]
+        first_name, second_name = PLURALS.get(first, first), PLURALS.get(second, second)
+        if first == "shapes":
+            assert count == sum(pairs.values()), text
+        elif first in COLORS and second_name in NAMES.values():
+            assert count == pairs[(first, second_name)], text
+        elif first in COLORS and second in ("shape", "shapes"):
+            assert count == sum(n for (c, _), n in pairs.items() if c == first), text
+        elif first_name in NAMES.values():
+            assert count == sum(n for (_, s), n in pairs.items() if s == first_name), text
+    pattern = r"(\w+) (\w+) (?:is )?(above|below|to the left of|to the right of)" \
+              r"(?: and (to the left of|to the right of))? (?:a|an|the) (?:(?:small|large) )?(\w+) (\w+)"
+    for color_a, shape_a, rel, rel2, color_b, shape_b in re.findall(pattern, text):
+        (ax, ay), (bx, by) = centroids[(color_a, shape_a)], centroids[(color_b, shape_b)]
+        for r in filter(None, (rel, rel2)):
+            delta = {"above": by - ay, "below": ay - by, "to the left of": bx - ax, "to the right of": ax - bx}[r]
+            assert delta > 0.1 * 128, text
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_captions_are_true_of_the_annotations(shapes_dir, split):
+    instances, captions = _load(shapes_dir, "instances", split), _load(shapes_dir, "captions", split)
+    assert instances["images"] == captions["images"]
+    pairs, centroids = {}, {}
     for annotation in instances["annotations"]:
-        present.setdefault(annotation["image_id"], set()).add(names[annotation["category_id"]])
+        key = (annotation["color"], NAMES[annotation["category_id"]])
+        pairs.setdefault(annotation["image_id"], Counter())[key] += 1
+        rows, cols = np.nonzero(_decode(annotation, 128))
+        centroids.setdefault(annotation["image_id"], {})[key] = (cols.mean() + 0.5, rows.mean() + 0.5)
     per_image = {}
     for annotation in captions["annotations"]:
         per_image.setdefault(annotation["image_id"], []).append(annotation["caption"])
-    all_colors, all_shapes = set(spec["colors"]), set(names.values())
+    assert set(per_image) == {i["id"] for i in captions["images"]}
     for image_id, texts in per_image.items():
-        assert len(set(texts)) >= 2 and len(set(texts)) == len(texts)
+        assert 3 <= len(texts) <= 5 and len(set(texts)) == len(texts)
         for text in texts:
-            words = set(re.findall(r"[a-z]+", text))
-            mentioned = {s for s in all_shapes if s in words or s + "s" in words or s + "es" in words}
-            assert mentioned and mentioned <= present[image_id], (text, present[image_id])
-            assert words & all_colors or re.search(r"\b(one|two|three|four|five|six)\b", text)
+            _check_caption(text, pairs[image_id], centroids[image_id])
 
 
-def test_classification_folders_and_text(shapes_dir):
+def test_classification_folders(shapes_dir):
     names = json.loads((shapes_dir / "classification" / "class_names.json").read_text())
-    assert sorted(names.values()) == sorted(c["name"] for c in load_spec()["categories"])
+    assert names == {f"s{c['id']:04d}": c["name"] for c in SPEC["categories"]}
     for split in ("train", "val"):
         root = shapes_dir / "classification" / split
         assert sorted(os.listdir(root)) == sorted(names)
-        assert sum(len(os.listdir(root / d)) for d in names) == SMALL[f"num_{split}"]
-        lines = (shapes_dir / "text" / f"{split}.txt").read_text(encoding="utf-8").splitlines()
-        assert len(lines) == 5 * SMALL[f"num_{split}"] and all(line.strip() for line in lines)
+        counts = [len(os.listdir(root / d)) for d in sorted(names)]
+        total = SMALL[f"num_{split}"]
+        assert sum(counts) == total and max(counts) - min(counts) <= 1
+        image = Image.open(next((root / "s0001").iterdir()))
+        assert image.size == (128, 128) and image.mode == "RGB"
 
 
-def test_tokenizer_loads_and_round_trips(shapes_dir):
+def test_text_corpus(shapes_dir):
+    for split in ("train", "val"):
+        raw = (shapes_dir / "text" / f"{split}.txt").read_bytes()
+        lines = raw.decode("utf-8").splitlines()
+        assert len(lines) == 5 * SMALL[f"num_{split}"] and all(line.strip() == line and line for line in lines)
+        assert len(set(lines)) > len(lines) // 3
+        assert 1 <= max(len(re.findall(r"[.?]", line)) for line in lines) <= 6
+        assert not [line for line in lines if re.search(r"\ba [aeiou]|\ban [^aeiou ]", line)]  # a/an
+
+
+def test_tokenizer_loads_offline_and_round_trips(shapes_dir):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(shapes_dir / "tokenizer"))
-    assert tokenizer.convert_tokens_to_ids(["<s>", "<pad>", "</s>", "<unk>", "<mask>"]) == [0, 1, 2, 3, 4]
-    captions = json.loads((shapes_dir / "annotations" / "captions_val.json").read_text())["annotations"]
-    for text in [c["caption"] for c in captions[:20]] + ["a hexagon has six sides, like a honeycomb cell."]:
+    tokenizer = AutoTokenizer.from_pretrained(str(shapes_dir / "tokenizer"), local_files_only=True)
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    assert tokenizer.convert_tokens_to_ids(specials) == [0, 1, 2, 3, 4]
+    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token, tokenizer.mask_token) == \
+        ("<s>", "</s>", "<pad>", "<mask>")
+    captions = [c["caption"] for c in _load(shapes_dir, "captions", "val")["annotations"]]
+    lines = (shapes_dir / "text" / "val.txt").read_text(encoding="utf-8").splitlines()
+    for text in captions[:30] + lines[:30] + ["Unseen words, ünïcode & digits 42!"]:
         ids = tokenizer(text)["input_ids"]
-        assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
-        assert tokenizer.decode(ids, skip_special_tokens=True).strip() == text
-    assert len(tokenizer("a red circle")["input_ids"]) <= 6  # frequent words are single tokens
+        assert ids[0] == 0 and ids[-1] == 2 and tokenizer.unk_token_id not in ids
+        assert tokenizer.decode(ids, skip_special_tokens=True) == text
+    # frequent words are single tokens; inside a sentence they carry the leading-space marker
+    assert tokenizer.convert_ids_to_tokens(tokenizer("a red circle")["input_ids"]) == \
+        ["<s>", "a", "Ġred", "Ġcircle", "</s>"]
+    info = json.loads((shapes_dir / "shapes_info.json").read_text())
+    assert len(tokenizer) == info["tokenizer_vocab_size"] <= SMALL["vocab_size"]
 
 
-def test_every_split_loads_through_dataset_catalog(shapes_dir):
-    from detectron2.data import DatasetCatalog, MetadataCatalog
+def test_registered_splits_load_through_dataset_catalog(shapes_dir):
+    from detectron2.data import DatasetCatalog
 
-    register_all_shapes(str(shapes_dir), prefix="tshapes")
+    from up2.data.datasets import register_all_shapes
+
+    register_all_shapes(str(shapes_dir), prefix="test_shapes_gen")
     for split in ("train", "val"):
         count = SMALL[f"num_{split}"]
-        detection = DatasetCatalog.get(f"tshapes_det_{split}")
+        detection = DatasetCatalog.get(f"test_shapes_gen_det_{split}")
         assert len(detection) == count and all(os.path.isfile(d["file_name"]) for d in detection)
-        assert MetadataCatalog.get(f"tshapes_det_{split}").thing_classes[0] == "circle"
-        classification = DatasetCatalog.get(f"tshapes_cls_{split}")
+        assert all(len(d["annotations"]) >= 1 for d in detection)
+        classification = DatasetCatalog.get(f"test_shapes_gen_cls_{split}")
         assert len(classification) == count and {d["label"] for d in classification} == set(range(10))
-        captions = DatasetCatalog.get(f"tshapes_caption_{split}")
+        captions = DatasetCatalog.get(f"test_shapes_gen_caption_{split}")
         assert len(captions) == count and all(len(d["captions"]) >= 2 for d in captions)
-        assert len(DatasetCatalog.get(f"tshapes_text_{split}")) == 5 * count
+        assert len(DatasetCatalog.get(f"test_shapes_gen_text_{split}")) == 5 * count

@@ -145,12 +145,11 @@ def _multiple(things: Sequence[Thing], background: str, size: int) -> List[str]:
             a, b = things[i], things[hiders[0]]
             out.append(f"{_article(b.color + ' ' + b.shape)} partly covering {_article(a.color + ' ' + a.shape)}")
             break
-    if by_size and len(by_size) >= 1:
-        largest = max(range(len(things)), key=lambda i: things[i].drawn_area)
-        areas = sorted((t.drawn_area for t in things), reverse=True)
-        if largest in unique and areas[0] >= 1.5 * areas[1]:
-            t = things[largest]
-            out.append(f"the largest of the {total} shapes is {_article(t.color + ' ' + t.shape)}")
+    largest = max(range(len(things)), key=lambda i: things[i].drawn_area)
+    second = max(t.drawn_area for i, t in enumerate(things) if i != largest)
+    if largest in unique and things[largest].drawn_area >= 1.5 * second:
+        t = things[largest]
+        out.append(f"the largest of the {total} shapes is {_article(t.color + ' ' + t.shape)}")
     return out
 
 
@@ -203,7 +202,7 @@ def corpus_line(rng: np.random.Generator, captions: Sequence[Sequence[str]], spe
                 f"is the {name} {color}? no, the {name} is {other}.",
                 f"she drew {_number(count)} {color} {plural} and {_article(other + ' ' + name)}.",
                 f"there are {_number(count)} {plural} in the picture, and all of them are {color}.",
-                f"a {color} {name} is still {_article(name)} when you paint it {other}.",
+                f"{_article(color + ' ' + name)} is still {_article(name)} when you paint it {other}.",
                 f"he looked for {_article(color + ' ' + name)} but found only {other} {plural}.",
             ])))
         else:

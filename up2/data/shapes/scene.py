@@ -8,7 +8,7 @@ Coordinates: ``mask[row, col]``; in COCO coordinates pixel ``(col, row)`` covers
 ``[col, col + 1) x [row, row + 1)``.
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
 import contourpy
@@ -24,11 +24,14 @@ __all__ = [
     "compose_scene",
     "mask_to_polygons",
     "mask_to_bbox",
+    "Sample",
+    "render_scene",
+    "render_classification_image",
 ]
 
 MIN_SHAPE_PIXELS = 40  # smaller drawings are not recognisable
 CONTRAST_DISTANCE = 60.0  # RGB distance under which a neighbouring pixel "looks the same"
-MAX_LOOKALIKE_BORDER = 0.2  # at most this fraction of a shape's outline may border look-alike pixels
+MAX_LOOKALIKE_BORDER = 0.1  # at most this fraction of a shape's outline may border look-alike background
 
 
 @dataclass
@@ -109,7 +112,7 @@ def shape_outline(name: str, radius: float, rotation: float) -> np.ndarray:
 def rasterize(vertices: np.ndarray, center: Tuple[float, float], size: int) -> np.ndarray:
     """(size, size) bool mask of the polygon ``vertices + center`` (no anti-aliasing)."""
     canvas = Image.new("1", (size, size), 0)
-    ImageDraw.Draw(canvas).polygon([(float(x) + center[0], float(y) + center[1]) for x, y in vertices], fill=1)
+    ImageDraw.Draw(canvas).polygon((vertices + np.asarray(center)).ravel().tolist(), fill=1)
     return np.asarray(canvas, dtype=bool)
 
 
@@ -131,7 +134,7 @@ def render_background(rng: np.random.Generator, size: int, palette: Sequence[Seq
     """
     kind = int(rng.integers(4))
     first, second = _random_color(rng, palette), _random_color(rng, palette)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    yy, xx = np.arange(size, dtype=np.float32)[:, None], np.arange(size, dtype=np.float32)[None, :]
     if kind == 0:
         angle = rng.uniform(0, 2 * math.pi)
         t = ((xx - size / 2) * math.cos(angle) + (yy - size / 2) * math.sin(angle)) / size + 0.5
@@ -151,8 +154,24 @@ def render_background(rng: np.random.Generator, size: int, palette: Sequence[Seq
         t = ((np.floor(xx / cell) + np.floor(yy / cell)) % 2).astype(np.float32)
         noise = 4.0
     image = first * (1 - t[..., None]) + second * t[..., None]
-    image = image + rng.normal(0.0, noise, size=image.shape)
+    image = image + noise * rng.standard_normal(image.shape, dtype=np.float32)
     return np.clip(image, 0, 255).astype(np.uint8), kind
+
+
+def _iso_lines(z: np.ndarray) -> List[np.ndarray]:
+    """The closed 0.5 iso-lines of ``z`` (2-D float64) as (K, 2) arrays of (x = column, y = row),
+    first point repeated last: ``contourpy.contour_generator(z=z).lines(0.5)``. The generator is
+    built directly, skipping the masked-array conversion that dominates the cost on small arrays."""
+    rows, cols = z.shape
+    x, y = np.meshgrid(np.arange(cols, dtype=np.float64), np.arange(rows, dtype=np.float64))
+    try:
+        generator = contourpy.SerialContourGenerator(
+            x, y, z, None, corner_mask=False, line_type=contourpy.LineType.Separate,
+            fill_type=contourpy.FillType.OuterOffset, quad_as_tri=False, z_interp=contourpy.ZInterp.Linear,
+            x_chunk_size=0, y_chunk_size=0)
+    except TypeError:  # another contourpy version: use the public factory
+        generator = contourpy.contour_generator(z=z, name="serial", line_type=contourpy.LineType.Separate)
+    return generator.lines(0.5)
 
 
 def _crop(mask: np.ndarray) -> Optional[np.ndarray]:
@@ -162,7 +181,9 @@ def _crop(mask: np.ndarray) -> Optional[np.ndarray]:
         return None
     r0, r1 = np.argmax(rows), len(rows) - np.argmax(rows[::-1])
     c0, c1 = np.argmax(cols), len(cols) - np.argmax(cols[::-1])
-    return np.pad(mask[r0:r1, c0:c1], 1)
+    crop = np.zeros((r1 - r0 + 2, c1 - c0 + 2), dtype=bool)
+    crop[1:-1, 1:-1] = mask[r0:r1, c0:c1]
+    return crop
 
 
 def is_simple_region(mask: np.ndarray) -> bool:
@@ -175,7 +196,7 @@ def is_simple_region(mask: np.ndarray) -> bool:
     a, b, c, d = crop[:-1, :-1], crop[:-1, 1:], crop[1:, :-1], crop[1:, 1:]
     if np.any((a & d & ~b & ~c) | (b & c & ~a & ~d)):
         return False
-    return len(contourpy.contour_generator(z=crop.astype(np.float64)).lines(0.5)) == 1
+    return len(_iso_lines(crop.astype(np.float64))) == 1
 
 
 def _ring(mask: np.ndarray) -> np.ndarray:
@@ -188,13 +209,20 @@ def _ring(mask: np.ndarray) -> np.ndarray:
     return grown & ~mask
 
 
-def _stands_out(image: np.ndarray, drawn: np.ndarray, rgb: np.ndarray) -> bool:
-    """The shape's outline is mostly against pixels of a clearly different colour."""
+def _stands_out(image: np.ndarray, owner: np.ndarray, drawn: np.ndarray, rgb: np.ndarray) -> bool:
+    """The shape's outline touches no shape of a similar colour (they would look like one blob)
+    and is mostly against background pixels of a clearly different colour.
+
+    Args:
+        owner: (S, S) index of the shape painted on each pixel, -1 for background.
+    """
     ring = _ring(drawn)
     if not ring.any():  # the shape fills the image
         return True
-    distance = np.linalg.norm(image[ring].astype(np.float32) - rgb, axis=1)
-    return float(np.mean(distance < CONTRAST_DISTANCE)) <= MAX_LOOKALIKE_BORDER
+    lookalike = np.linalg.norm(image[ring].astype(np.float32) - rgb, axis=1) < CONTRAST_DISTANCE
+    if np.any(lookalike & (owner[ring] >= 0)):
+        return False
+    return float(np.mean(lookalike)) <= MAX_LOOKALIKE_BORDER
 
 
 def compose_scene(rng: np.random.Generator, background: np.ndarray, requests: Sequence[Tuple[int, str, float]],
@@ -202,7 +230,8 @@ def compose_scene(rng: np.random.Generator, background: np.ndarray, requests: Se
                   max_tries: int = 40) -> Tuple[np.ndarray, List[Instance]]:
     """Draws the requested shapes one over another, each at a random place and rotation.
 
-    A placement is kept only when the new shape stands out from what is under its outline, and
+    A placement is kept only when the new shape stands out from what is around it (no touching
+    shape of a similar colour, mostly contrasting background), and
     after it every instance keeps ``>= min_visible`` of its drawn area, visible as one simple region
     (:func:`is_simple_region`). A shape that finds no such placement in ``max_tries`` is left out.
 
@@ -217,6 +246,7 @@ def compose_scene(rng: np.random.Generator, background: np.ndarray, requests: Se
     """
     size = background.shape[0]
     image = background.copy()
+    owner = np.full((size, size), -1, dtype=np.int32)
     instances: List[Instance] = []
     for category, color, radius in requests:
         rgb = np.clip(np.asarray(colors[color], dtype=np.float32) + rng.uniform(-12, 12, size=3), 0, 255)
@@ -226,7 +256,8 @@ def compose_scene(rng: np.random.Generator, background: np.ndarray, requests: Se
         for _ in range(max_tries):
             outline = shape_outline(names[category], radius, rng.uniform(0, 2 * math.pi))
             drawn = rasterize(outline, (rng.uniform(low, high), rng.uniform(low, high)), size)
-            if drawn.sum() < MIN_SHAPE_PIXELS or not _stands_out(image, drawn, rgb) or not is_simple_region(drawn):
+            if drawn.sum() < MIN_SHAPE_PIXELS or not _stands_out(image, owner, drawn, rgb) or \
+                    not is_simple_region(drawn):
                 continue
             updated = {}
             for index, other in enumerate(instances):
@@ -240,9 +271,10 @@ def compose_scene(rng: np.random.Generator, background: np.ndarray, requests: Se
                 for index, visible in updated.items():
                     instances[index].mask = visible
                 image[drawn] = rgb.astype(np.uint8)
+                owner[drawn] = len(instances)
                 instances.append(Instance(category, color, float(radius), drawn, drawn.copy()))
                 break
-    noisy = image.astype(np.float32) + rng.normal(0.0, 3.0, size=image.shape)
+    noisy = image.astype(np.float32) + 3.0 * rng.standard_normal(image.shape, dtype=np.float32)
     return np.clip(noisy, 0, 255).astype(np.uint8), instances
 
 
@@ -276,7 +308,7 @@ def mask_to_polygons(mask: np.ndarray) -> List[List[float]]:
     r0, c0 = int(rows.min()), int(cols.min())
     crop = np.pad(mask[r0:rows.max() + 1, c0:cols.max() + 1].astype(np.float64), 1)
     polygons = []
-    for line in contourpy.contour_generator(z=crop).lines(0.5):
+    for line in _iso_lines(crop):
         points = np.asarray(line, dtype=np.float64)
         if len(points) > 1 and np.array_equal(points[0], points[-1]):
             points = points[:-1]
@@ -286,3 +318,60 @@ def mask_to_polygons(mask: np.ndarray) -> List[List[float]]:
             points = points + np.array([c0 - 1 + 0.5, r0 - 1 + 0.5])
             polygons.append([float(v) for v in points.reshape(-1)])
     return polygons
+
+
+@dataclass
+class Sample:
+    """One generated image: (S, S, 3) uint8 ``image``, its ``instances`` (bottom to top) and the
+    ``background`` kind (index into the spec's ``backgrounds``)."""
+
+    image: np.ndarray
+    instances: List[Instance] = field(default_factory=list)
+    background: int = 0
+
+
+def _palette(spec: dict) -> Tuple[List[str], dict]:
+    return [c["name"] for c in spec["categories"]], {c["name"]: c["rgb"] for c in spec["colors"]}
+
+
+def _compose_until_placed(rng: np.random.Generator, size: int, spec: dict, requests, what: str) -> Sample:
+    """Composes on fresh backgrounds until the first (main) request is placed."""
+    names, colors = _palette(spec)
+    for _ in range(10):
+        background, kind = render_background(rng, size, list(colors.values()))
+        image, instances = compose_scene(rng, background, requests, names, colors)
+        if instances and (instances[0].category, instances[0].color) == tuple(requests[0][:2]):
+            return Sample(image, instances, kind)
+    raise RuntimeError(f"could not place the main shape of {what} on 10 backgrounds; use another seed")
+
+
+def render_scene(seed: int, split_id: int, index: int, size: int, spec: dict) -> Sample:
+    """Scene image ``index`` of a split: 1-6 shapes of random category, colour, size (diameter from
+    12 pixels to 60 % of the image, log-uniform), place and rotation.
+
+    The first shape's category and colour cycle over every (category, colour) pair with ``index``,
+    so each category appears in each colour once every ``categories x colours`` images.
+    """
+    rng = np.random.default_rng([seed, 0, split_id, index])
+    num_categories, num_colors = len(spec["categories"]), len(spec["colors"])
+    pair = index % (num_categories * num_colors)
+    requests = [(pair % num_categories, spec["colors"][pair // num_categories]["name"])]
+    requests += [(int(rng.integers(num_categories)), spec["colors"][int(rng.integers(num_colors))]["name"])
+                 for _ in range(int(rng.integers(0, 6)))]
+    low, high = math.log(max(6.0, 0.045 * size)), math.log(0.3 * size)
+    requests = [(k, c, float(math.exp(rng.uniform(low, high)))) for k, c in requests]
+    return _compose_until_placed(rng, size, spec, requests, f"scene {index} of split {split_id}")
+
+
+def render_classification_image(seed: int, split_id: int, index: int, label: int, size: int, spec: dict) -> Sample:
+    """Classification image ``index`` of a split: one large shape of category ``label`` (diameter
+    56-84 % of the image) and 0-2 small distractors of other categories (the first instance is the
+    labelled one)."""
+    rng = np.random.default_rng([seed, 1, split_id, index])
+    num_categories, colors = len(spec["categories"]), [c["name"] for c in spec["colors"]]
+    others = [k for k in range(num_categories) if k != label]
+    requests = [(label, colors[int(rng.integers(len(colors)))], float(rng.uniform(0.28, 0.42) * size))]
+    for _ in range(int(rng.integers(0, 3))):
+        requests.append((others[int(rng.integers(len(others)))], colors[int(rng.integers(len(colors)))],
+                         float(max(6.0, rng.uniform(0.05, 0.09) * size))))
+    return _compose_until_placed(rng, size, spec, requests, f"classification image {index} of split {split_id}")
