@@ -14,6 +14,8 @@ import up2  # noqa: F401  (applies Detectron2 compatibility fixes; must precede 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 import up2.data  # noqa: F401  (registers the built-in datasets)
 from up2.config import add_up2_config, get_task_entries
@@ -31,6 +33,7 @@ def setup(args):
     cfg.freeze()
     get_task_entries(cfg, require_train=not args.eval_only)  # fail early on a bad task list
     default_setup(cfg, args)  # output dir, config.yaml, logs, environment info, seed
+    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="up2")
     return cfg
 
 

@@ -10,6 +10,7 @@ TensorBoard, ETA in the log) with the pieces that up2 needs to differ:
 """
 import json
 import logging
+import math
 import os
 import weakref
 from collections import OrderedDict
@@ -52,7 +53,10 @@ def write_eval_results(output_dir: str, results: Dict[str, Dict[str, float]]):
     if not comm.is_main_process():
         return
     path = os.path.join(output_dir, "eval_results.json")
-    atomic_write_bytes(path, json.dumps(results, indent=2, sort_keys=True).encode())
+    # Metrics that cannot be computed (e.g. COCO's APl without large objects) are NaN: JSON null.
+    finite = {dataset: {metric: (value if math.isfinite(value) else None) for metric, value in metrics.items()}
+              for dataset, metrics in results.items()}
+    atomic_write_bytes(path, json.dumps(finite, indent=2, sort_keys=True, allow_nan=False).encode())
     logger.info("Evaluation results written to %s\n%s", path, format_results_table(results))
 
 
