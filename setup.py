@@ -15,8 +15,30 @@ def _log(message):
     sys.stderr.write(f"[up2 setup.py] {message}\n")
 
 
+def _fix_cuda_home():
+    """torch guesses CUDA_HOME as the parent of the folder holding ``nvcc``; when ``nvcc`` is a wrapper
+    script (e.g. /usr/local/bin/nvcc) that guess has no toolkit and linking fails on -lcudart. Point
+    CUDA_HOME at the toolkit in that case (only when the user set neither CUDA_HOME nor CUDA_PATH)."""
+    import shutil
+
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return
+    guess = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    if os.path.exists(os.path.join(guess, "include", "cuda_runtime.h")):
+        return
+    for candidate in ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True):
+        if os.path.exists(os.path.join(candidate, "include", "cuda_runtime.h")):
+            os.environ["CUDA_HOME"] = candidate
+            _log(f"nvcc at {nvcc} is not inside a CUDA toolkit: using CUDA_HOME={candidate}")
+            return
+
+
 def _cuda_extension_and_cmdclass():
     """Returns ([CUDAExtension], {"build_ext": ...}) or ([], {}) with the reason logged."""
+    _fix_cuda_home()
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
