@@ -118,6 +118,7 @@ setup(
         "timm>=0.9",
         "pycocoevalcap>=1.2",
         "scipy>=1.9",
+        "shapely>=2.0",
     ],
     extras_require={
         "dev": ["pytest>=7.0", "triton>=3.0; platform_system=='Linux'"],

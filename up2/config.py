@@ -206,6 +206,13 @@ def _add_datasets_config(cfg):
     # Within a task, datasets without explicit weights are sampled proportionally to size ** POWER
     # (Table 8: square root).
     cfg.DATASETS.UP2.SIZE_WEIGHT_POWER = 0.5
+    # Training random-resized-crop area fraction [min, max] of classification images (ImageNet practice).
+    cfg.DATASETS.UP2.CLASSIFICATION_CROP_SCALE = [0.08, 1.0]
+    # Training random-resized-crop area fraction [min, max] of captioning and retrieval images
+    # (a milder crop keeps what the caption describes).
+    cfg.DATASETS.UP2.IMAGE_TEXT_CROP_SCALE = [0.5, 1.0]
+    # Per-GPU batch size of the test loaders of non-detection tasks (detection always uses 1).
+    cfg.DATASETS.UP2.TEST_BATCH_SIZE = 16
 
 
 def _add_solver_config(cfg):
