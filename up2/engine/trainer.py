@@ -4,7 +4,9 @@ TensorBoard, ETA in the log) with the pieces that up2 needs to differ:
 * DDP that also works on CPU (gloo) processes;
 * atomic checkpoints (:class:`~up2.checkpoint.AtomicCheckpointer`);
 * up2's optimizer (MT-AdamW or AdamW with up2's parameter groups) from ``SOLVER.UP2.*``;
-* evaluators chosen by each test dataset's task;
+* multi-task runs (``DATASETS.UP2.TASKS``): one loader per task and a :class:`TaskSamplingHook` that
+  picks the task of every iteration (the same on every rank) and sets it on the optimizer;
+* evaluators and test loaders chosen by each test dataset's task;
 * ``test()`` returns ``{dataset_name: {metric: value}}`` (flat metrics, the ``eval_results.json``
   contract of ``train_net.py --eval-only``).
 """
@@ -100,15 +102,51 @@ class UP2Trainer(DefaultTrainer):
         self.register_hooks(self.build_hooks())
         self._set_single_task()
 
+    @property
+    def current_task(self):
+        """The TaskEntry of the running iteration (None in single-task or mixed runs)."""
+        return getattr(self, "_current_task", None)
+
+    @current_task.setter
+    def current_task(self, entry):
+        self._current_task = entry
+
     def _set_single_task(self):
         """A run without DATASETS.UP2.TASKS is one task sampled every step: s_k = 1, omega_k = 1."""
         set_task = getattr(self.optimizer, "set_task", None)
         if set_task is not None and not get_task_entries(self.cfg, require_train=False):
             set_task(sampling_ratio=1.0, loss_weight=1.0)
 
+    @classmethod
+    def build_train_loader(cls, cfg):
+        """One loader per task of ``DATASETS.UP2.TASKS`` (a :class:`MultiTaskDataLoader` fed by the
+        task-sampling hook), or Detectron2's loader of ``DATASETS.TRAIN`` for a single-task run."""
+        from up2.data import MultiTaskDataLoader, build_task_train_loaders
+
+        if not get_task_entries(cfg):
+            return super().build_train_loader(cfg)
+        return MultiTaskDataLoader(build_task_train_loaders(cfg))
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        from up2.data import build_task_test_loader
+
+        task_type = dict(test_datasets_with_tasks(cfg)).get(dataset_name)
+        if task_type is None or task_type == "detection" and not get_task_entries(cfg, require_train=False):
+            return super().build_test_loader(cfg, dataset_name)
+        return build_task_test_loader(cfg, dataset_name, task_type)
+
     def build_hooks(self):
-        """Detectron2's hooks; the evaluation hook also writes ``OUTPUT_DIR/eval_results.json``."""
+        """Detectron2's hooks, preceded by the task-sampling hook in multi-task runs; the evaluation
+        hook also writes ``OUTPUT_DIR/eval_results.json``."""
+        from up2.engine.task_sampling import TaskSamplingHook, build_task_sampler
+
         hook_list = super().build_hooks()
+        entries = get_task_entries(self.cfg)
+        if entries:
+            sampler = build_task_sampler(self.cfg, entries)
+            hook_list.insert(0, TaskSamplingHook(sampler, check_agreement=self.cfg.SOLVER.UP2.CHECK_TASK_AGREEMENT,
+                                                 data_loader=self._trainer.data_loader))
 
         def test_and_write_results():
             results = self.test(self.cfg, self.model)
