@@ -1,0 +1,104 @@
+"""Time of the attribute-routed conditional MoE FFN relative to a dense FFN at equal tokens.
+
+Each of the B sequences has 2-4 segments drawn from a handful of attribute combinations (an image
+segment and text segments of a few tasks), so a batch holds a few distinct routings. Both layers see
+the same (B, T, d) input; the script alternates them and prints the median time of forward and of
+forward+backward, and their ratios (MoE / dense).
+
+    python benchmarks/moe.py --batch 8 --length 256 --dim 768 --ffn 3072 --repeats 5 --device cpu
+"""
+import argparse
+import logging
+import statistics
+import time
+
+import torch
+
+import up2  # noqa: F401
+from up2.modeling.moe import (
+    FFN, MODALITY_IMAGE, MODALITY_TEXT, SIDE_INPUT, SIDE_TARGET, ConditionalMoEFFN, build_routing_plan,
+    make_attributes,
+)
+
+logger = logging.getLogger("up2.benchmarks.moe")
+
+COMBINATIONS = [
+    make_attributes("captioning", MODALITY_IMAGE, SIDE_INPUT, False),
+    make_attributes("captioning", MODALITY_TEXT, SIDE_INPUT, True),
+    make_attributes("retrieval", MODALITY_IMAGE, SIDE_INPUT, False),
+    make_attributes("retrieval", MODALITY_TEXT, SIDE_TARGET, False),
+    make_attributes("classification", MODALITY_TEXT, SIDE_TARGET, False),
+]
+
+
+def make_segments(batch: int, length: int, generator: torch.Generator):
+    """(B, 4, A) attributes and (B, T) segment ids: 2-4 contiguous segments of random length per sequence."""
+    attrs = torch.tensor(COMBINATIONS)[torch.randint(len(COMBINATIONS), (batch, 4), generator=generator)]
+    seg = torch.zeros(batch, length, dtype=torch.long)
+    for b in range(batch):
+        num = int(torch.randint(2, 5, (1,), generator=generator))
+        cuts = torch.randperm(length - 1, generator=generator)[:num - 1].add(1).sort().values
+        for s, cut in enumerate(cuts.tolist()):
+            seg[b, cut:] = s + 1
+    return attrs, seg
+
+
+def _time(fn, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--length", type=int, default=256)
+    parser.add_argument("--dim", type=int, default=768)
+    parser.add_argument("--ffn", type=int, default=3072)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO)
+    device = torch.device(args.device)
+    generator = torch.Generator().manual_seed(0)
+    attrs, seg = make_segments(args.batch, args.length, generator)
+    attrs, seg = attrs.to(device), seg.to(device)
+    moe = ConditionalMoEFFN(args.dim, args.ffn, num_experts=args.experts).to(device)
+    dense = FFN(args.dim, args.ffn).to(device)
+    x = torch.randn(args.batch, args.length, args.dim, device=device, requires_grad=True)
+    plan = build_routing_plan(attrs, seg)
+    logger.info("%d tokens, %d distinct routings, group sizes %s", x.shape[0] * x.shape[1],
+                len(plan.counts), plan.counts)
+
+    def forward(layer):
+        with torch.no_grad():
+            layer(x, attrs, seg)
+
+    def forward_backward(layer):
+        y, aux = layer(x, attrs, seg)
+        (y.square().mean() + aux).backward()
+
+    results = {}
+    for name, fn in (("forward", forward), ("forward+backward", forward_backward)):
+        times = {"moe": [], "dense": []}
+        for _ in range(2):  # warm-up
+            fn(moe), fn(dense)
+        for _ in range(args.repeats):
+            times["moe"].append(_time(lambda: fn(moe), device))
+            times["dense"].append(_time(lambda: fn(dense), device))
+        moe_t, dense_t = statistics.median(times["moe"]), statistics.median(times["dense"])
+        results[name] = (moe_t, dense_t, moe_t / dense_t)
+    threads = torch.get_num_threads()
+    for name, (moe_t, dense_t, ratio) in results.items():
+        print(f"{name}: MoE {moe_t * 1e3:.1f} ms, dense FFN {dense_t * 1e3:.1f} ms, ratio {ratio:.3f} "
+              f"(B={args.batch} T={args.length} d={args.dim} ffn={args.ffn} E={args.experts}, "
+              f"{len(plan.counts)} routings, {device}, {threads} threads)")
+
+
+if __name__ == "__main__":
+    main()
