@@ -14,11 +14,11 @@ and kernel sizes; on a GPU the per-image host copies also stall the device.
 import argparse
 import logging
 import statistics
-import time
 
 import torch
 
 import up2  # noqa: F401
+from _timing import add_device_arguments, apply_threads, timed
 from up2.modeling.proposer.matcher import HungarianMatcher, match_per_image_reference
 
 logger = logging.getLogger("up2.benchmarks.matcher")
@@ -39,15 +39,6 @@ def make_batch(batch, num_queries, mask_size, min_gt, max_gt, device, gen):
     return outputs, targets, counts
 
 
-def timed(fn, device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -58,12 +49,10 @@ def main():
     parser.add_argument("--min-gt", type=int, default=7)
     parser.add_argument("--max-gt", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per implementation")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    add_device_arguments(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     device = torch.device(args.device)
     matcher = HungarianMatcher(num_points=args.num_points)
     logger.info("device %s, %d threads, %d points, masks %dx%d, G_b in [%d, %d], median of %d calls",

@@ -10,11 +10,11 @@ forward+backward, and their ratios (MoE / dense).
 import argparse
 import logging
 import statistics
-import time
 
 import torch
 
 import up2  # noqa: F401
+from _timing import timed
 from up2.modeling.moe import (
     FFN, MODALITY_IMAGE, MODALITY_TEXT, SIDE_INPUT, SIDE_TARGET, ConditionalMoEFFN, build_routing_plan,
     make_attributes,
@@ -42,15 +42,6 @@ def make_segments(batch: int, length: int, generator: torch.Generator):
             seg[b, cut:] = s + 1
     return attrs, seg
 
-
-def _time(fn, device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def main():
@@ -89,8 +80,8 @@ def main():
         for _ in range(2):  # warm-up
             fn(moe), fn(dense)
         for _ in range(args.repeats):
-            times["moe"].append(_time(lambda: fn(moe), device))
-            times["dense"].append(_time(lambda: fn(dense), device))
+            times["moe"].append(timed(lambda: fn(moe), device))
+            times["dense"].append(timed(lambda: fn(dense), device))
         moe_t, dense_t = statistics.median(times["moe"]), statistics.median(times["dense"])
         results[name] = (moe_t, dense_t, moe_t / dense_t)
     threads = torch.get_num_threads()

@@ -18,6 +18,7 @@ import time
 import torch
 
 import up2  # noqa: F401
+from _timing import add_device_arguments, apply_threads
 from up2.solver import MTAdamW
 
 logger = logging.getLogger("up2.benchmarks.optimizer")
@@ -135,12 +136,10 @@ def main():
     parser.add_argument("--scale", type=float, default=1.0, help="element-count factor (0, 1]")
     parser.add_argument("--steps", type=int, default=7, help="timed steps per optimizer")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per optimizer")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    add_device_arguments(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
 
     shapes = upv2_r50_shapes(args.scale)
     gen = torch.Generator().manual_seed(0)
