@@ -7,6 +7,7 @@ DATASETS_ROOT ?= datasets
 SHAPES_DIR = $(DATASETS_ROOT)/shapes
 DEMO_CONFIG ?= configs/shapes/mask_rcnn_R18_FPN_baseline.yaml
 DEMO_OUTPUT ?= output/demo
+DEMO_OPTS ?=
 PYTEST_ARGS ?=
 
 .PHONY: setup demo test test-fast shapes
@@ -15,9 +16,10 @@ setup:
 	@bash tools/setup_env.sh >/dev/null
 
 # The main job: generate `shapes` and train + evaluate on it; prints where the results are.
+# DEMO_OPTS adds config overrides, e.g. make demo DEMO_OPTS="SOLVER.MAX_ITER 20".
 demo:
 	@py="$$($(SETUP))" || exit $$?; set -e; \
-	bash tools/demo.sh "$$py" "$(SHAPES_DIR)" "$(DEMO_CONFIG)" "$(DEMO_OUTPUT)"
+	bash tools/demo.sh "$$py" "$(SHAPES_DIR)" "$(DEMO_CONFIG)" "$(DEMO_OUTPUT)" $(DEMO_OPTS)
 
 # The whole test suite (about 2 minutes on 2 cores after set-up); `make test-fast` skips slow tests.
 test:

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The main job (`make demo`): generate the embedded `shapes` dataset, train and evaluate on it.
-#   tools/demo.sh PYTHON SHAPES_DIR CONFIG OUTPUT_DIR
+#   tools/demo.sh PYTHON SHAPES_DIR CONFIG OUTPUT_DIR [KEY VALUE ...]   (extra config overrides)
 set -euo pipefail
-PY="$1"; SHAPES_DIR="$2"; CONFIG="$3"; OUTPUT="$4"
+PY="$1"; SHAPES_DIR="$2"; CONFIG="$3"; OUTPUT="$4"; shift 4
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 export DETECTRON2_DATASETS="$(dirname "$SHAPES_DIR")"
@@ -15,7 +15,7 @@ else
   "$PY" -m up2.data.shapes --out "$SHAPES_DIR" --seed 0
 fi
 echo "[demo] training $CONFIG -> $OUTPUT"
-"$PY" train_net.py --config-file "$CONFIG" OUTPUT_DIR "$OUTPUT"
+"$PY" train_net.py --config-file "$CONFIG" OUTPUT_DIR "$OUTPUT" "$@"
 end=$(date +%s)
 echo
 echo "[demo] done in $((end - start)) s. Produced:"
@@ -23,3 +23,11 @@ echo "  dataset:        $SHAPES_DIR (COCO instances/captions json, class folders
 echo "  weights:        $OUTPUT/model_final.pth"
 echo "  metrics:        $OUTPUT/metrics.json (TensorBoard events beside it), log: $OUTPUT/log.txt"
 echo "  evaluation:     $OUTPUT/eval_results.json"
+if [[ -f "$OUTPUT/eval_results.json" ]]; then
+  "$PY" - "$OUTPUT/eval_results.json" <<'PYEOF'
+import json, sys
+for dataset, metrics in json.load(open(sys.argv[1])).items():
+    main = {k: v for k, v in metrics.items() if "/AP-" not in k and v is not None}
+    print(f"  {dataset}: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(main.items())))
+PYEOF
+fi
