@@ -23,6 +23,7 @@ class ToyTaskModel(torch.nn.Module):
         self.image_head = torch.nn.Linear(3, 10)
         self.text_head = torch.nn.Linear(1, 1)
         self.seen = []
+        self.nan_at_call = None
 
     def forward(self, batched_inputs):
         tasks = {x["task"] for x in batched_inputs}
@@ -38,6 +39,8 @@ class ToyTaskModel(torch.nn.Module):
             loss = self.text_head(lengths).pow(2).mean()
         # same keys every step: the unused head contributes zero (every parameter gets a gradient)
         zero = sum(p.sum() for p in self.parameters()) * 0
+        if self.nan_at_call == len(self.seen):
+            loss = loss * float("nan")
         return {"loss_classification": loss + zero if task == "classification" else zero,
                 "loss_mlm": loss + zero if task == "mlm" else zero}
 
@@ -50,7 +53,7 @@ def shapes_names(tmp_path_factory):
     return "mtshapes"
 
 
-def test_tasks_alternate_with_their_batches_and_optimizer_task(shapes_names, tmp_path):
+def toy_cfg(shapes_names, output_dir):
     cfg = get_cfg()
     add_up2_config(cfg)
     cfg.MODEL.META_ARCHITECTURE = "ToyTaskModel"
@@ -70,8 +73,12 @@ def test_tasks_alternate_with_their_batches_and_optimizer_task(shapes_names, tmp
     cfg.SOLVER.CHECKPOINT_PERIOD = 1000
     cfg.TEST.EVAL_PERIOD = 0
     cfg.SEED = 3
-    cfg.OUTPUT_DIR = str(tmp_path)
+    cfg.OUTPUT_DIR = str(output_dir)
+    return cfg
 
+
+def test_tasks_alternate_with_their_batches_and_optimizer_task(shapes_names, tmp_path):
+    cfg = toy_cfg(shapes_names, tmp_path)
     trainer = UP2Trainer(cfg)
     tasks_seen_by_optimizer = []
     original_step = trainer.optimizer.step
@@ -93,3 +100,14 @@ def test_tasks_alternate_with_their_batches_and_optimizer_task(shapes_names, tmp
     last = metrics[-1]
     counts = {task: sum(1 for t, _ in model.seen if t == task) for task in expected_sizes}
     assert last["task_iters/cls"] == counts["classification"] and last["task_iters/mlm"] == counts["mlm"]
+
+
+def test_non_finite_loss_names_task_and_iteration(shapes_names, tmp_path):
+    trainer = UP2Trainer(toy_cfg(shapes_names, tmp_path))
+    trainer.model.nan_at_call = 4  # the 4th forward (iteration 3) returns NaN
+    with pytest.raises(FloatingPointError) as error:
+        trainer.train()
+    task_of_iteration_3 = trainer.model.seen[3][0]
+    message = str(error.value)
+    assert "iteration 3" in message
+    assert f"task: {'cls' if task_of_iteration_3 == 'classification' else 'mlm'}" in message

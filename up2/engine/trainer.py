@@ -91,6 +91,7 @@ class UP2Trainer(DefaultTrainer):
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
+        model.register_forward_hook(self._check_losses_are_finite)
         model = create_ddp_model(model, broadcast_buffers=False)
         trainer_cls = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
         self._trainer = trainer_cls(model, data_loader, optimizer)
@@ -101,6 +102,19 @@ class UP2Trainer(DefaultTrainer):
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
         self._set_single_task()
+
+    def _check_losses_are_finite(self, module, inputs, outputs):
+        """Forward hook: a non-finite training loss raises FloatingPointError naming the loss, the
+        task and the iteration, on the rank where it happened, before the backward pass."""
+        if not module.training or not isinstance(outputs, dict) or not outputs:
+            return
+        losses = [value.detach().float().sum() for value in outputs.values() if torch.is_tensor(value)]
+        if losses and not bool(torch.stack(losses).isfinite().all()):
+            bad = {name: float(value.detach().float().sum()) for name, value in outputs.items()
+                   if torch.is_tensor(value) and not bool(value.detach().isfinite().all())}
+            task = self.current_task.name if self.current_task is not None else "single-task run"
+            raise FloatingPointError(f"Non-finite loss at iteration {self.iter} (task: {task}, rank "
+                                     f"{comm.get_rank()}): {bad}")
 
     @property
     def current_task(self):
