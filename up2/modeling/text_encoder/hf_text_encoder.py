@@ -1,0 +1,118 @@
+"""Text encoder f_text (paper §4.2): any Hugging Face BERT/RoBERTa-type encoder, jointly tuned,
+projected to the unified decoder's width."""
+import logging
+import os
+from typing import Dict, List, Sequence
+
+import torch
+from detectron2.config import configurable
+from torch import nn
+
+from up2.modeling.build import TEXT_ENCODER_REGISTRY
+
+__all__ = ["HFTextEncoder", "load_hf_tokenizer"]
+
+logger = logging.getLogger(__name__)
+
+
+def _offline_hint(name: str) -> str:
+    return (f"'{name}' is neither a local directory nor in the Hugging Face cache, and the hub is "
+            f"{'disabled (HF_HUB_OFFLINE=1)' if os.environ.get('HF_HUB_OFFLINE') == '1' else 'unreachable'}. "
+            f"Pre-fetch it on a machine with internet: python -c \"from transformers import AutoModel, "
+            f"AutoTokenizer; AutoTokenizer.from_pretrained('{name}').save_pretrained('DIR'); "
+            f"AutoModel.from_pretrained('{name}').save_pretrained('DIR')\" and set "
+            f"MODEL.UP2.TEXT_ENCODER.NAME to DIR (or copy the HF cache, ~/.cache/huggingface).")
+
+
+def load_hf_tokenizer(name: str):
+    """``AutoTokenizer.from_pretrained(name)`` with an error that says how to get it offline."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except OSError as error:
+        raise OSError(f"Cannot load the tokenizer: {_offline_hint(name)} ({error})") from error
+
+
+def _load_hf_encoder(name: str, pretrained: bool) -> nn.Module:
+    from transformers import AutoConfig, AutoModel
+
+    def load(**kwargs):
+        if pretrained:
+            return AutoModel.from_pretrained(name, **kwargs)
+        return AutoModel.from_config(AutoConfig.from_pretrained(name), **kwargs)
+
+    try:
+        try:
+            # BERT/RoBERTa poolers are unused: dropping them keeps every parameter trained (DDP).
+            return load(add_pooling_layer=False)
+        except TypeError:  # architectures without a pooler option
+            return load()
+    except OSError as error:
+        raise OSError(f"Cannot load the text encoder: {_offline_hint(name)} ({error})") from error
+
+
+@TEXT_ENCODER_REGISTRY.register()
+class HFTextEncoder(nn.Module):
+    """Tokenises strings and encodes them with a Hugging Face encoder, then projects to ``output_dim``.
+
+    Args:
+        name: Hugging Face model name or local directory (``AutoModel``).
+        tokenizer_name: tokenizer name or directory; empty means ``name``.
+        pretrained: load the weights of ``name`` (True) or only its architecture, randomly initialised.
+        max_length: longest token sequence kept (special tokens included); longer texts are truncated.
+        output_dim: width of the projected features (the unified decoder's width).
+    """
+
+    @configurable
+    def __init__(self, *, name: str, tokenizer_name: str, pretrained: bool, max_length: int, output_dim: int):
+        super().__init__()
+        self.tokenizer = load_hf_tokenizer(tokenizer_name or name)
+        # Parameters live under "encoder." so that SOLVER.UP2.ENCODER_PARAM_PREFIXES finds them.
+        self.encoder = _load_hf_encoder(name, pretrained)
+        self.max_length = max_length
+        hidden = self.encoder.config.hidden_size
+        self.projection = nn.Linear(hidden, output_dim)
+        logger.info("Text encoder %s (%s weights, hidden %d -> %d, vocabulary %d)", name,
+                    "pretrained" if pretrained else "random", hidden, output_dim, len(self.tokenizer))
+
+    @classmethod
+    def from_config(cls, cfg):
+        text = cfg.MODEL.UP2.TEXT_ENCODER
+        return {"name": text.NAME, "tokenizer_name": text.TOKENIZER, "pretrained": text.PRETRAINED,
+                "max_length": text.MAX_LENGTH, "output_dim": cfg.MODEL.UP2.DECODER.HIDDEN_DIM}
+
+    @property
+    def device(self) -> torch.device:
+        return self.projection.weight.device
+
+    def tokenize(self, texts: Sequence[str]) -> Dict[str, torch.Tensor]:
+        """Token ids and attention mask, padded to the longest text: (B, T) each.
+
+        Raises:
+            ValueError: an empty (or whitespace-only) text, naming its position.
+        """
+        empty = [i for i, text in enumerate(texts) if not text or not text.strip()]
+        if empty:
+            raise ValueError(f"Empty text at position(s) {empty} of the batch; every text needs at least one word")
+        batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
+                               return_tensors="pt")
+        return {"input_ids": batch["input_ids"].to(self.device),
+                "attention_mask": batch["attention_mask"].to(self.device)}
+
+    def encode_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Encoder hidden states before projection: (B, T, hidden)."""
+        return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def forward(self, texts: List[str]) -> Dict[str, torch.Tensor]:
+        """
+        Args:
+            texts: B strings.
+
+        Returns:
+            dict with ``features`` (B, T, output_dim), ``attention_mask`` (B, T) (1 = token) and
+            ``input_ids`` (B, T).
+        """
+        batch = self.tokenize(texts)
+        features = self.projection(self.encode_ids(batch["input_ids"], batch["attention_mask"]))
+        return {"features": features, **batch}
