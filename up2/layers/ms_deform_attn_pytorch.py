@@ -95,9 +95,10 @@ def _corner_dots(value_rows, rows, grad_out):
         crow = torch.arange(0, num_bags * k + 1, k, device=rows.device, dtype=rows.dtype)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-            pattern = torch.sparse_csr_tensor(crow, rows.reshape(-1), grad_out.new_empty(num_bags * k),
+            pattern = torch.sparse_csr_tensor(crow, rows.reshape(-1), grad_out.new_zeros(num_bags * k),
                                               size=(num_bags, value_rows.shape[0]))
-            dots = torch.sparse.sampled_addmm(pattern, grad_out, value_rows.t(), beta=0.0)  # ignores pattern values
+            # beta=0 still multiplies the pattern values (0 * NaN = NaN): they must be zeros, not empty
+            dots = torch.sparse.sampled_addmm(pattern, grad_out, value_rows.t(), beta=0.0)
         return dots.values().view(num_bags, k).to(out_dtype)
     # half precision: gather a quarter of the corners at a time (bounded memory), reduce in fp32
     chunk = max(1, k // 4)
