@@ -17,6 +17,9 @@ def test_save_load_and_tag(tmp_path):
     assert extra["iteration"] == 9
     torch.testing.assert_close(restored.weight, model.weight)
     assert [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")] == []
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"")
+    assert (tmp_path / "model_0000009.pth").stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
 
 
 def test_failed_save_keeps_previous_files(tmp_path, monkeypatch):

@@ -13,11 +13,19 @@ __all__ = ["AtomicCheckpointer", "atomic_write_bytes"]
 logger = logging.getLogger(__name__)
 
 
+def _current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def _atomic_write(path: str, write):
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp_path = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
     try:
+        # mkstemp creates the file 0600; give it the permissions a plain open() would have.
+        os.chmod(tmp_path, 0o666 & ~_current_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
