@@ -18,6 +18,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 import up2.data  # noqa: F401  (registers the built-in datasets)
+import up2.modeling  # noqa: F401  (registers up2's meta-architectures, backbones and parts)
 from up2.config import add_up2_config, get_task_entries
 from up2.engine import UP2Trainer, launch, write_eval_results
 

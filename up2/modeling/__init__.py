@@ -4,4 +4,6 @@ Importing this package registers every built-in part in its registry (see ``buil
 """
 from up2.modeling import backbone  # noqa: F401  (registers the Swin backbone)
 from up2.modeling import global_pooling  # noqa: F401  (registers AttentionPooling)
+from up2.modeling import text_encoder  # noqa: F401  (registers HFTextEncoder)
 from up2.modeling.build import *  # noqa: F401,F403
+from up2.modeling import meta_arch  # noqa: F401  (registers ProposalDetector)

@@ -1,10 +1,19 @@
-"""Region proposer (MaskDINO-like, class-agnostic): matcher, criterion, point sampling, denoising."""
+"""Region proposer (MaskDINO-like, class-agnostic): encoder, query selection, decoder, mask branch,
+fusion, matcher, criterion, point sampling, denoising; ``DeformableRegionProposer`` in PROPOSER_REGISTRY."""
 from up2.modeling.proposer.criterion import LOSS_NAMES, ProposalCriterion
+from up2.modeling.proposer.decoder import DeformableDecoder
 from up2.modeling.proposer.denoising import (build_dn_attention_mask, prepare_contrastive_denoising,
                                              split_denoising_outputs)
+from up2.modeling.proposer.encoder import DeformableEncoder
+from up2.modeling.proposer.fusion import ProposalFusion
+from up2.modeling.proposer.mask_branch import MaskBranch
 from up2.modeling.proposer.matcher import HungarianMatcher, match_per_image_reference
 from up2.modeling.proposer.point_sampling import importance_split, point_sample, sample_uncertain_points
+from up2.modeling.proposer.proposer import DeformableRegionProposer
+from up2.modeling.proposer.query_selection import TwoStageQuerySelection
 
 __all__ = ["HungarianMatcher", "match_per_image_reference", "ProposalCriterion", "LOSS_NAMES",
            "build_dn_attention_mask", "prepare_contrastive_denoising", "split_denoising_outputs",
-           "point_sample", "sample_uncertain_points", "importance_split"]
+           "point_sample", "sample_uncertain_points", "importance_split", "DeformableEncoder",
+           "TwoStageQuerySelection", "DeformableDecoder", "MaskBranch", "ProposalFusion",
+           "DeformableRegionProposer"]

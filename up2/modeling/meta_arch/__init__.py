@@ -1,0 +1,4 @@
+"""Meta-architectures in Detectron2's META_ARCH_REGISTRY."""
+from up2.modeling.meta_arch.proposal_detector import ProposalDetector  # noqa: F401
+
+__all__ = ["ProposalDetector"]

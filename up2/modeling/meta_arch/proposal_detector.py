@@ -1,0 +1,176 @@
+"""Class-agnostic detector: a backbone and up2's region proposer trained alone on detection data.
+
+It checks the proposer end to end (training with Detectron2's ``DatasetMapper``, COCO evaluation with
+every category merged, ``MODEL.UP2.TEST.CLASS_AGNOSTIC``) before it serves the generalist model.
+"""
+import logging
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
+from detectron2.modeling.postprocessing import detector_postprocess
+from detectron2.structures import BitMasks, Boxes, ImageList, Instances, PolygonMasks
+from torch import nn
+from torchvision.ops import box_convert
+
+from up2.modeling import proposer as _proposer  # noqa: F401  (registers DeformableRegionProposer)
+from up2.modeling.build import build_proposer
+
+__all__ = ["ProposalDetector", "instances_to_targets"]
+
+logger = logging.getLogger(__name__)
+
+# Degenerate (zero-area) ground-truth boxes dropped so far, and how often the count is logged.
+_DEGENERATE = {"count": 0}
+DEGENERATE_LOG_PERIOD = 100
+
+
+def _count_degenerate(num: int) -> None:
+    """Counts dropped degenerate boxes; warns on the first one and then once per DEGENERATE_LOG_PERIOD."""
+    if num <= 0:
+        return
+    before = _DEGENERATE["count"]
+    _DEGENERATE["count"] += num
+    if before == 0 or before // DEGENERATE_LOG_PERIOD != _DEGENERATE["count"] // DEGENERATE_LOG_PERIOD:
+        logger.warning("ProposalDetector: dropped %d ground-truth box(es) of zero area (%d so far); check the "
+                       "dataset's annotations", num, _DEGENERATE["count"])
+
+
+def instances_to_targets(instances: List[Instances], padded_size, device) -> List[Dict[str, torch.Tensor]]:
+    """Detectron2 ``Instances`` (boxes in absolute xyxy of the resized image) -> proposer targets.
+
+    Args:
+        instances: B ``Instances`` with ``gt_boxes`` and optionally ``gt_masks`` (PolygonMasks or BitMasks).
+        padded_size: (H, W) of the batched (padded) images.
+
+    Returns:
+        B dicts: ``boxes`` (G, 4) cxcywh normalised by the image size (not the padded size) and ``masks``
+        (G, H, W) float at the padded size. Zero-area boxes (and their masks) are dropped with a warning.
+    """
+    targets = []
+    height_p, width_p = padded_size
+    for inst in instances:
+        h, w = inst.image_size
+        keep = inst.gt_boxes.nonempty(threshold=0.0)
+        _count_degenerate(int((~keep).sum()))
+        inst = inst[keep]
+        scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=device)
+        boxes = box_convert(inst.gt_boxes.tensor.to(device).float() / scale, "xyxy", "cxcywh").clamp(0, 1)
+        target = {"boxes": boxes}
+        masks = torch.zeros((len(inst), height_p, width_p), dtype=torch.float32, device=device)
+        if inst.has("gt_masks"):
+            gt_masks = inst.gt_masks
+            if isinstance(gt_masks, PolygonMasks):
+                gt_masks = BitMasks.from_polygon_masks(gt_masks, h, w)
+            bitmaps = gt_masks.tensor.to(device)
+            masks[:, :bitmaps.shape[1], :bitmaps.shape[2]] = bitmaps.float()
+        else:  # no mask annotation: the box is the mask
+            for i, (x0, y0, x1, y1) in enumerate(inst.gt_boxes.tensor.round().long().tolist()):
+                masks[i, y0:y1, x0:x1] = 1.0
+        target["masks"] = masks
+        targets.append(target)
+    return targets
+
+
+@META_ARCH_REGISTRY.register()
+class ProposalDetector(nn.Module):
+    """Backbone + :class:`~up2.modeling.proposer.DeformableRegionProposer`, class-agnostic.
+
+    Args:
+        backbone: a Detectron2 backbone with the proposer's input levels.
+        proposer: the region proposer.
+        pixel_mean, pixel_std: input normalisation.
+        size_divisibility: images are padded to a multiple of this.
+        detections_per_image: final-layer queries kept per image at inference.
+        score_thresh: drop detections below this score.
+        mask_threshold: probability threshold of the binary masks.
+    """
+
+    @configurable
+    def __init__(self, *, backbone: Backbone, proposer: nn.Module, pixel_mean, pixel_std, size_divisibility: int = 32,
+                 detections_per_image: int = 100, score_thresh: float = 0.0, mask_threshold: float = 0.5):
+        super().__init__()
+        self.backbone, self.proposer = backbone, proposer
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        self.size_divisibility = size_divisibility
+        self.detections_per_image, self.score_thresh = detections_per_image, score_thresh
+        self.mask_threshold = mask_threshold
+
+    @classmethod
+    def from_config(cls, cfg):
+        backbone = build_backbone(cfg)
+        return {
+            "backbone": backbone,
+            "proposer": build_proposer(cfg, backbone.output_shape()),
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN, "pixel_std": cfg.MODEL.PIXEL_STD,
+            "size_divisibility": max(32, backbone.size_divisibility),
+            "detections_per_image": cfg.MODEL.UP2.TEST.DETECTIONS_PER_IMAGE,
+            "score_thresh": cfg.MODEL.UP2.TEST.SCORE_THRESH,
+            "mask_threshold": cfg.MODEL.UP2.TEST.MASK_THRESHOLD,
+        }
+
+    @property
+    def device(self):
+        return self.pixel_mean.device
+
+    def preprocess_image(self, batched_inputs):
+        """Normalised, padded images and their (B, H, W) padding mask (True at padding)."""
+        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        images = ImageList.from_tensors(images, self.size_divisibility)
+        batch, _, height, width = images.tensor.shape
+        padding_mask = torch.ones((batch, height, width), dtype=torch.bool, device=self.device)
+        for i, (h, w) in enumerate(images.image_sizes):
+            padding_mask[i, :h, :w] = False
+        return images, padding_mask
+
+    def forward(self, batched_inputs: List[Dict]):
+        """
+        Args:
+            batched_inputs: ``DatasetMapper`` outputs: ``image`` (C, H, W) in ``INPUT.FORMAT``,
+                ``instances`` (training: ``gt_boxes``, ``gt_masks``), ``height`` / ``width`` (output size).
+
+        Returns:
+            training: dict of losses; inference: ``[{"instances": Instances}]`` at the original size with
+            ``pred_boxes`` (abs xyxy), ``scores`` = sigmoid(objectness), ``pred_classes`` = 0 and
+            ``pred_masks`` (bool, original size).
+        """
+        images, padding_mask = self.preprocess_image(batched_inputs)
+        features = self.backbone(images.tensor)
+        if self.training:
+            instances = [x["instances"].to(self.device) for x in batched_inputs]
+            targets = instances_to_targets(instances, images.tensor.shape[-2:], self.device)
+            outputs = self.proposer(features, padding_mask, targets)
+            losses = dict(outputs["losses"])
+            # The class-agnostic detector does not consume the regional tokens; this zero keeps the fusion
+            # layers in the graph so DDP without find_unused_parameters sees every parameter.
+            losses["loss_objectness"] = losses["loss_objectness"] + 0.0 * outputs["regional_tokens"].sum()
+            return losses
+        outputs = self.proposer(features, padding_mask)
+        return self.inference(outputs["predictions"], batched_inputs, images)
+
+    def inference(self, predictions: Dict[str, torch.Tensor], batched_inputs, images: ImageList):
+        """Top-scored final-layer queries -> Instances at the original size (see :meth:`forward`)."""
+        scores_all = predictions["pred_logits"][..., 0].sigmoid()
+        num = min(self.detections_per_image, scores_all.shape[1])
+        padded = images.tensor.shape[-2:]
+        results = []
+        for i, (inputs, (h, w)) in enumerate(zip(batched_inputs, images.image_sizes)):
+            scores, idx = scores_all[i].topk(num)
+            keep = scores > self.score_thresh
+            scores, idx = scores[keep], idx[keep]
+            boxes = box_convert(predictions["pred_boxes"][i, idx].float(), "cxcywh", "xyxy")
+            boxes = boxes * torch.tensor([w, h, w, h], dtype=boxes.dtype, device=boxes.device)
+            out_h, out_w = inputs.get("height", h), inputs.get("width", w)
+            inst = Instances((h, w), pred_boxes=Boxes(boxes), scores=scores,
+                             pred_classes=torch.zeros_like(idx), query_index=idx)
+            inst = detector_postprocess(inst, out_h, out_w)
+            masks = predictions["pred_masks"][i, inst.query_index].float()[None]  # (1, K, H/4, W/4)
+            masks = F.interpolate(masks, size=padded, mode="bilinear", align_corners=False)[..., :h, :w]
+            masks = F.interpolate(masks, size=(out_h, out_w), mode="bilinear", align_corners=False)[0]
+            inst.pred_masks = masks.sigmoid() > self.mask_threshold
+            inst.remove("query_index")
+            results.append({"instances": inst})
+        return results
