@@ -1,8 +1,4 @@
 """up2.engine.launch: two gloo processes on a CPU-only machine all-reduce a tensor."""
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 SCRIPT = textwrap.dedent("""
@@ -27,13 +23,8 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_two_gloo_processes_all_reduce(tmp_path):
-    script = tmp_path / "run.py"
-    script.write_text(SCRIPT)
-    result = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True,
-                            timeout=180, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-    assert result.returncode == 0, result.stderr[-3000:]
-    records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+def test_two_gloo_processes_all_reduce(run_two_ranks):
+    records = run_two_ranks(SCRIPT)
     assert [r["rank"] for r in records] == [0, 1]
     assert [r["local_rank"] for r in records] == [0, 1]
     for record in records:

@@ -1,9 +1,6 @@
 """Unmixed task sampling: a pure function of (seed, iteration), frequencies s_k, exact resume, the
 rank-agreement check, per-task iteration counts in EventStorage, and two gloo ranks agreeing."""
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -192,11 +189,6 @@ SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.slow  # two spawned processes importing torch + Detectron2: about 30 s on 2 cores
-def test_two_gloo_ranks_draw_the_same_tasks(tmp_path):
-    script = tmp_path / "run.py"
-    script.write_text(SCRIPT)
-    result = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True,
-                            timeout=180, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-    assert result.returncode == 0, result.stderr[-3000:]
-    rank0, rank1 = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+def test_two_gloo_ranks_draw_the_same_tasks(run_two_ranks):
+    rank0, rank1 = run_two_ranks(SCRIPT)
     assert rank0 == rank1 and len(rank0["names"]) == 20 and len(set(rank0["names"])) > 1

@@ -1,9 +1,5 @@
 """Two gloo processes: every up2 evaluator gathers across ranks and gives the single-process result
 on the main process, ``{}`` on the other."""
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -52,13 +48,8 @@ SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_evaluators_gather_across_two_processes(tmp_path):
-    script = tmp_path / "run.py"
-    script.write_text(SCRIPT)
-    result = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True,
-                            timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-    assert result.returncode == 0, result.stderr[-3000:]
-    main, other = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+def test_evaluators_gather_across_two_processes(run_two_ranks):
+    main, other = run_two_ranks(SCRIPT, timeout=300)
     assert other["distributed"] == [{}, {}, {}]
     assert [list(r) for r in main["distributed"]] == [["classification"], ["retrieval"], ["mlm"]]
     for got, expected in zip(main["distributed"], main["single"]):
