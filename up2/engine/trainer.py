@@ -10,6 +10,7 @@ TensorBoard, ETA in the log) with the pieces that up2 needs to differ:
 * ``test()`` returns ``{dataset_name: {metric: value}}`` (flat metrics, the ``eval_results.json``
   contract of ``train_net.py --eval-only``).
 """
+import functools
 import json
 import logging
 import math
@@ -91,7 +92,8 @@ class UP2Trainer(DefaultTrainer):
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
-        model.register_forward_hook(self._check_losses_are_finite)
+        # weak reference: the model must not keep its trainer alive
+        model.register_forward_hook(functools.partial(UP2Trainer._check_losses_are_finite, weakref.proxy(self)))
         model = create_ddp_model(model, broadcast_buffers=False)
         trainer_cls = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
         self._trainer = trainer_cls(model, data_loader, optimizer)
@@ -146,7 +148,7 @@ class UP2Trainer(DefaultTrainer):
         from up2.data import build_task_test_loader
 
         task_type = dict(test_datasets_with_tasks(cfg)).get(dataset_name)
-        if task_type is None or task_type == "detection" and not get_task_entries(cfg, require_train=False):
+        if task_type is None or (task_type == "detection" and not get_task_entries(cfg, require_train=False)):
             return super().build_test_loader(cfg, dataset_name)
         return build_task_test_loader(cfg, dataset_name, task_type)
 
