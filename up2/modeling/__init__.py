@@ -7,3 +7,4 @@ from up2.modeling import global_pooling  # noqa: F401  (registers AttentionPooli
 from up2.modeling import text_encoder  # noqa: F401  (registers HFTextEncoder)
 from up2.modeling.build import *  # noqa: F401,F403
 from up2.modeling import meta_arch  # noqa: F401  (registers ProposalDetector)
+from up2.modeling.image_encoder import ImageEncoder  # noqa: F401
