@@ -108,6 +108,11 @@ def _add_model_config(cfg):
     cfg.MODEL.UP2.LOSS.IMPORTANCE_SAMPLE_RATIO = 0.75
     # Supervise the encoder output and every decoder layer (paper Appendix A).
     cfg.MODEL.UP2.LOSS.DEEP_SUPERVISION = True
+    # Detection classification in the unified decoder (regional tokens vs class names, softmax over the
+    # classes plus a learned "no object" target): loss weight, and the weight of the "no object" class
+    # for unmatched tokens (DETR's eos_coef).
+    cfg.MODEL.UP2.LOSS.CLASS_WEIGHT = 2.0
+    cfg.MODEL.UP2.LOSS.NO_OBJECT_WEIGHT = 0.1
 
     # ---- Global representations (paper eq. 3).
     cfg.MODEL.UP2.GLOBAL_POOL = CN()
@@ -167,6 +172,9 @@ def _add_model_config(cfg):
     cfg.MODEL.UP2.HEAD.LABEL_SMOOTHING = 0.1
     # Vocabulary target embeddings are computed in chunks of this many tokens.
     cfg.MODEL.UP2.HEAD.VOCAB_CHUNK_SIZE = 4096
+    # Activation checkpointing of vocabulary chunks in training (memory ~ chunk outputs only; the
+    # networks run twice in backward for the vocabulary).
+    cfg.MODEL.UP2.HEAD.VOCAB_CHECKPOINT = True
 
     # ---- Task-specific settings.
     cfg.MODEL.UP2.RETRIEVAL = CN()
@@ -194,6 +202,11 @@ def _add_model_config(cfg):
     cfg.MODEL.UP2.TEST.MASK_THRESHOLD = 0.5
     # Evaluate detection class-agnostically (every category merged into one "object").
     cfg.MODEL.UP2.TEST.CLASS_AGNOSTIC = False
+    # Detection score of a (token, class) pair: "class" (softmax probability of the class) or
+    # "class_x_objectness" (times the proposer's objectness probability).
+    cfg.MODEL.UP2.TEST.DETECTION_SCORE = "class_x_objectness"
+    # Seed of the MLM masking at evaluation (masks depend only on it and the text id: reproducible).
+    cfg.MODEL.UP2.TEST.MLM_SEED = 0
 
 
 def _add_datasets_config(cfg):

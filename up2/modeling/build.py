@@ -47,6 +47,12 @@ def build_unified_decoder(cfg):
     return DECODER_REGISTRY.get(cfg.MODEL.UP2.DECODER.NAME)(cfg)
 
 
-def build_task(cfg, task_type: str):
-    """Builds the task formulation registered under ``task_type``."""
-    return TASK_REGISTRY.get(task_type)(cfg)
+def build_task(cfg, task_type: str, **kwargs):
+    """Builds the registered task formulation whose ``task_type`` attribute is ``task_type`` (extra
+    ``from_config`` kwargs allowed)."""
+    matches = [obj for _, obj in TASK_REGISTRY if getattr(obj, "task_type", None) == task_type]
+    if len(matches) != 1:
+        known = sorted(getattr(obj, "task_type", "?") for _, obj in TASK_REGISTRY)
+        raise KeyError(f"TASK_REGISTRY has {len(matches)} formulations of task type {task_type!r} (expected "
+                       f"exactly one; registered task types: {known})")
+    return matches[0](cfg, **kwargs)

@@ -12,9 +12,9 @@ import up2  # noqa: F401
 import up2.modeling  # noqa: F401
 from up2.config import add_up2_config
 from up2.modeling.build import build_proposer
-from up2.modeling.meta_arch import proposal_detector
 from up2.modeling.proposer.criterion import LOSS_NAMES
 from up2.modeling.proposer.proposer import DeformableRegionProposer
+from up2.modeling.proposer import targets as proposer_targets
 
 INPUT_SHAPE = {f"res{i + 2}": ShapeSpec(channels=8 * 2 ** i, stride=4 * 2 ** i) for i in range(4)}
 N, O, DEC_LAYERS = 20, 8, 2
@@ -175,15 +175,15 @@ def test_degenerate_boxes_dropped_with_warning(caplog):
     masks = torch.zeros(3, 40, 50, dtype=torch.bool)
     masks[0, 2:22, 1:11] = True
     inst.gt_masks = BitMasks(masks)
-    proposal_detector._DEGENERATE["count"] = 0
-    with caplog.at_level(logging.WARNING, logger=proposal_detector.__name__):
-        targets = proposal_detector.instances_to_targets([inst], (64, 64), "cpu")
+    proposer_targets._DEGENERATE["count"] = 0
+    with caplog.at_level(logging.WARNING, logger=proposer_targets.__name__):
+        targets = proposer_targets.instances_to_targets([inst], (64, 64), "cpu")
     assert len(targets[0]["boxes"]) == 1 and targets[0]["masks"].shape == (1, 64, 64)
     assert torch.allclose(targets[0]["boxes"][0], torch.tensor([6 / 50, 12 / 40, 10 / 50, 20 / 40]))
     assert targets[0]["masks"][0, 2:22, 1:11].all() and targets[0]["masks"].sum() == 200
-    assert proposal_detector._DEGENERATE["count"] == 2
-    assert any("dropped 2 ground-truth box(es) of zero area" in r.getMessage() for r in caplog.records)
+    assert proposer_targets._DEGENERATE["count"] == 2
+    assert any("Dropped 2 ground-truth box(es) of zero area" in r.getMessage() for r in caplog.records)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger=proposal_detector.__name__):
-        proposal_detector.instances_to_targets([inst], (64, 64), "cpu")  # 4 so far: not logged again
+    with caplog.at_level(logging.WARNING, logger=proposer_targets.__name__):
+        proposer_targets.instances_to_targets([inst], (64, 64), "cpu")  # 4 so far: not logged again
     assert not caplog.records

@@ -7,72 +7,19 @@ import logging
 from typing import Dict, List
 
 import torch
-import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
-from detectron2.modeling.postprocessing import detector_postprocess
-from detectron2.structures import BitMasks, Boxes, ImageList, Instances, PolygonMasks
+from detectron2.structures import ImageList
 from torch import nn
-from torchvision.ops import box_convert
 
 from up2.modeling import proposer as _proposer  # noqa: F401  (registers DeformableRegionProposer)
 from up2.modeling.build import build_proposer
+from up2.modeling.postprocessing import detections_to_instances
+from up2.modeling.proposer.targets import instances_to_targets
 
 __all__ = ["ProposalDetector", "instances_to_targets"]
 
 logger = logging.getLogger(__name__)
-
-# Degenerate (zero-area) ground-truth boxes dropped so far, and how often the count is logged.
-_DEGENERATE = {"count": 0}
-DEGENERATE_LOG_PERIOD = 100
-
-
-def _count_degenerate(num: int) -> None:
-    """Counts dropped degenerate boxes; warns on the first one and then once per DEGENERATE_LOG_PERIOD."""
-    if num <= 0:
-        return
-    before = _DEGENERATE["count"]
-    _DEGENERATE["count"] += num
-    if before == 0 or before // DEGENERATE_LOG_PERIOD != _DEGENERATE["count"] // DEGENERATE_LOG_PERIOD:
-        logger.warning("ProposalDetector: dropped %d ground-truth box(es) of zero area (%d so far); check the "
-                       "dataset's annotations", num, _DEGENERATE["count"])
-
-
-def instances_to_targets(instances: List[Instances], padded_size, device) -> List[Dict[str, torch.Tensor]]:
-    """Detectron2 ``Instances`` (boxes in absolute xyxy of the resized image) -> proposer targets.
-
-    Args:
-        instances: B ``Instances`` with ``gt_boxes`` and optionally ``gt_masks`` (PolygonMasks or BitMasks).
-        padded_size: (H, W) of the batched (padded) images.
-
-    Returns:
-        B dicts: ``boxes`` (G, 4) cxcywh normalised by the image size (not the padded size) and ``masks``
-        (G, H, W) float at the padded size. Zero-area boxes (and their masks) are dropped with a warning.
-    """
-    targets = []
-    height_p, width_p = padded_size
-    for inst in instances:
-        h, w = inst.image_size
-        keep = inst.gt_boxes.nonempty(threshold=0.0)
-        _count_degenerate(int((~keep).sum()))
-        inst = inst[keep]
-        scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=device)
-        boxes = box_convert(inst.gt_boxes.tensor.to(device).float() / scale, "xyxy", "cxcywh").clamp(0, 1)
-        target = {"boxes": boxes}
-        masks = torch.zeros((len(inst), height_p, width_p), dtype=torch.float32, device=device)
-        if inst.has("gt_masks"):
-            gt_masks = inst.gt_masks
-            if isinstance(gt_masks, PolygonMasks):
-                gt_masks = BitMasks.from_polygon_masks(gt_masks, h, w)
-            bitmaps = gt_masks.tensor.to(device)
-            masks[:, :bitmaps.shape[1], :bitmaps.shape[2]] = bitmaps.float()
-        else:  # no mask annotation: the box is the mask
-            for i, (x0, y0, x1, y1) in enumerate(inst.gt_boxes.tensor.round().long().tolist()):
-                masks[i, y0:y1, x0:x1] = 1.0
-        target["masks"] = masks
-        targets.append(target)
-    return targets
-
 
 @META_ARCH_REGISTRY.register()
 class ProposalDetector(nn.Module):
@@ -161,16 +108,8 @@ class ProposalDetector(nn.Module):
             scores, idx = scores_all[i].topk(num)
             keep = scores > self.score_thresh
             scores, idx = scores[keep], idx[keep]
-            boxes = box_convert(predictions["pred_boxes"][i, idx].float(), "cxcywh", "xyxy")
-            boxes = boxes * torch.tensor([w, h, w, h], dtype=boxes.dtype, device=boxes.device)
-            out_h, out_w = inputs.get("height", h), inputs.get("width", w)
-            inst = Instances((h, w), pred_boxes=Boxes(boxes), scores=scores,
-                             pred_classes=torch.zeros_like(idx), query_index=idx)
-            inst = detector_postprocess(inst, out_h, out_w)
-            masks = predictions["pred_masks"][i, inst.query_index].float()[None]  # (1, K, H/4, W/4)
-            masks = F.interpolate(masks, size=padded, mode="bilinear", align_corners=False)[..., :h, :w]
-            masks = F.interpolate(masks, size=(out_h, out_w), mode="bilinear", align_corners=False)[0]
-            inst.pred_masks = masks.sigmoid() > self.mask_threshold
-            inst.remove("query_index")
+            inst = detections_to_instances(
+                predictions["pred_boxes"][i, idx], predictions["pred_masks"][i, idx], scores, torch.zeros_like(idx),
+                (h, w), padded, (inputs.get("height", h), inputs.get("width", w)), self.mask_threshold)
             results.append({"instances": inst})
         return results

@@ -24,10 +24,33 @@ def _offline_hint(name: str) -> str:
             f"MODEL.UP2.TEXT_ENCODER.NAME to DIR (or copy the HF cache, ~/.cache/huggingface).")
 
 
+DATASETS_PREFIX = "datasets://"
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+
+def resolve_model_path(name: str) -> str:
+    """Hugging Face name or directory -> what ``from_pretrained`` gets.
+
+    ``datasets://REL`` is ``$DETECTRON2_DATASETS/REL`` (default ``./datasets``; e.g. the tokenizer that
+    ``python -m up2.data.shapes`` writes); a relative directory that does not exist from the working
+    directory is looked up from the repository root (configs ship small model configs); anything else
+    is returned unchanged (a hub name).
+    """
+    if name.startswith(DATASETS_PREFIX):
+        root = os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
+        return os.path.join(root, name[len(DATASETS_PREFIX):])
+    if name and not os.path.isabs(name) and not os.path.exists(name):
+        candidate = os.path.join(_REPO_ROOT, name)
+        if os.path.isdir(candidate):
+            return candidate
+    return name
+
+
 def load_hf_tokenizer(name: str):
     """``AutoTokenizer.from_pretrained(name)`` with an error that says how to get it offline."""
     from transformers import AutoTokenizer
 
+    name = resolve_model_path(name)
     try:
         return AutoTokenizer.from_pretrained(name)
     except OSError as error:
@@ -36,6 +59,8 @@ def load_hf_tokenizer(name: str):
 
 def _load_hf_encoder(name: str, pretrained: bool) -> nn.Module:
     from transformers import AutoConfig, AutoModel
+
+    name = resolve_model_path(name)
 
     def load(**kwargs):
         if pretrained:
@@ -86,22 +111,39 @@ class HFTextEncoder(nn.Module):
     def device(self) -> torch.device:
         return self.projection.weight.device
 
-    def tokenize(self, texts: Sequence[str]) -> Dict[str, torch.Tensor]:
+    def tokenize(self, texts: Sequence[str], word_ids: bool = False) -> Dict[str, torch.Tensor]:
         """Token ids and attention mask, padded to the longest text: (B, T) each.
+
+        Args:
+            word_ids: also return ``word_ids``: B lists of T word indices (None at special tokens and
+                padding), for whole-word masking.
 
         Raises:
             ValueError: an empty (or whitespace-only) text, naming its position.
         """
-        empty = [i for i, text in enumerate(texts) if not text or not text.strip()]
+        empty = [i for i, text in enumerate(texts) if not isinstance(text, str) or not text.strip()]
         if empty:
             raise ValueError(f"Empty text at position(s) {empty} of the batch; every text needs at least one word")
         batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
                                return_tensors="pt")
-        return {"input_ids": batch["input_ids"].to(self.device),
-                "attention_mask": batch["attention_mask"].to(self.device)}
+        out = {"input_ids": batch["input_ids"].to(self.device),
+               "attention_mask": batch["attention_mask"].to(self.device)}
+        if word_ids:
+            out["word_ids"] = [batch.word_ids(i) for i in range(len(texts))]
+        return out
 
-    def encode_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Encoder hidden states before projection: (B, T, hidden)."""
+    def encode_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        """Encoder hidden states before projection: (B, T, hidden).
+
+        Args:
+            input_ids, attention_mask: (B, T) (mask 1 = token).
+            causal: token t sees tokens <= t only (captioning words: no look-ahead through the encoder).
+        """
+        if causal:
+            length = input_ids.shape[1]
+            tril = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()
+            eye = torch.eye(length, dtype=torch.bool, device=input_ids.device)
+            attention_mask = ((tril & attention_mask.bool()[:, None, :]) | eye)[:, None]  # (B, 1, T, T)
         return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
     def forward(self, texts: List[str]) -> Dict[str, torch.Tensor]:

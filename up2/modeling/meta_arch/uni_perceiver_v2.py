@@ -1,0 +1,191 @@
+"""Uni-Perceiver v2: one set of weights for detection, instance segmentation, classification, retrieval,
+captioning and masked language modelling (paper §4).
+
+Image encoder f_image (backbone + region proposer + global pooling) and text encoder f_text feed the
+shared unified decoder g; every task scores inputs against a target set with the similarity head,
+P(x, y) ∝ exp(cos(g(f(x)), g(f(y))) / τ). The task formulations live in ``TASK_REGISTRY``; each batch
+holds inputs of ONE task (unmixed sampling), named by the ``"task"`` key of every input dict.
+"""
+import logging
+from typing import Dict, List, Mapping, Optional, Sequence
+
+import torch
+from detectron2.config import configurable
+from detectron2.data import MetadataCatalog
+from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.structures import ImageList
+from torch import nn
+
+from up2.config import TASK_TYPES, get_task_entries
+from up2.modeling.build import build_task, build_text_encoder, build_unified_decoder
+from up2.modeling.image_encoder import ImageEncoder
+from up2.modeling.similarity import SimilarityHead
+from up2.modeling.tasks.targets import TargetEncoder
+
+__all__ = ["UniPerceiverV2"]
+
+logger = logging.getLogger(__name__)
+
+# Tasks whose target set is a list of class names (open vocabulary).
+CLASS_NAME_TASKS = ("detection", "classification")
+
+
+@META_ARCH_REGISTRY.register()
+class UniPerceiverV2(nn.Module):
+    """
+    Args:
+        image_encoder: :class:`~up2.modeling.ImageEncoder`.
+        text_encoder: a ``TEXT_ENCODER_REGISTRY`` module (tokenize / encode_ids / projection).
+        decoder: the unified decoder (``DECODER_REGISTRY``).
+        head: :class:`~up2.modeling.similarity.SimilarityHead` with one temperature per task type.
+        tasks: task type -> task module (``TASK_REGISTRY``).
+        targets: :class:`~up2.modeling.tasks.targets.TargetEncoder` (class names, vocabulary).
+        image_token_dim: width of the image encoder's tokens (projected to the decoder width).
+        pixel_mean, pixel_std: input normalisation; size_divisibility: padding of batched images.
+    """
+
+    @configurable
+    def __init__(self, *, image_encoder: ImageEncoder, text_encoder: nn.Module, decoder: nn.Module,
+                 head: SimilarityHead, tasks: Mapping[str, nn.Module], targets: TargetEncoder, image_token_dim: int,
+                 pixel_mean: Sequence[float], pixel_std: Sequence[float], size_divisibility: int = 32):
+        super().__init__()
+        self.image_encoder, self.text_encoder, self.decoder, self.head = image_encoder, text_encoder, decoder, head
+        self.tasks = nn.ModuleDict(dict(tasks))
+        self.targets = targets
+        self.image_projection = nn.Sequential(nn.Linear(image_token_dim, decoder.dim), nn.LayerNorm(decoder.dim))
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        self.size_divisibility = size_divisibility
+
+    @classmethod
+    def from_config(cls, cfg):
+        image_encoder = ImageEncoder(cfg)
+        tasks = {}
+        for task_type in TASK_TYPES:
+            kwargs = {}
+            if task_type in CLASS_NAME_TASKS:
+                kwargs["class_names"] = _default_class_names(cfg, task_type)
+            tasks[task_type] = build_task(cfg, task_type, **kwargs)
+        return {
+            "image_encoder": image_encoder,
+            "text_encoder": build_text_encoder(cfg),
+            "decoder": build_unified_decoder(cfg),
+            "head": SimilarityHead(cfg, groups=TASK_TYPES),
+            "tasks": tasks,
+            "targets": TargetEncoder(cfg.MODEL.UP2.HEAD.VOCAB_CHUNK_SIZE, cfg.MODEL.UP2.HEAD.VOCAB_CHECKPOINT),
+            "image_token_dim": cfg.MODEL.UP2.PROPOSER.HIDDEN_DIM,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN, "pixel_std": cfg.MODEL.PIXEL_STD,
+            "size_divisibility": max(32, image_encoder.backbone.size_divisibility),
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    # ------------------------------------------------------------------ shared encoders (used by tasks)
+    def preprocess_images(self, batched_inputs: List[Dict]):
+        """Normalised, padded images (ImageList) and their (B, H, W) padding mask (True at padding)."""
+        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        images = ImageList.from_tensors(images, self.size_divisibility)
+        batch, _, height, width = images.tensor.shape
+        padding_mask = torch.ones((batch, height, width), dtype=torch.bool, device=self.device)
+        for i, (h, w) in enumerate(images.image_sizes):
+            padding_mask[i, :h, :w] = False
+        return images, padding_mask
+
+    def encode_images(self, images: torch.Tensor, padding_mask: torch.Tensor, targets=None) -> Dict:
+        """Image encoder outputs with the tokens projected to the decoder width.
+
+        Returns:
+            the :class:`ImageEncoder` outputs plus ``tokens`` (B, n, D) and ``padding_mask`` (B, n) (the
+            decoder's image tokens), ``regional_tokens`` (B, O, D) projected, and ``regional_start``: index
+            of the first regional token inside ``tokens`` (None when they are not part of it).
+        """
+        outputs = self.image_encoder(images, padding_mask, targets)
+        num_regional = outputs["regional_tokens"].shape[1]
+        outputs["tokens"] = self.image_projection(outputs["image_tokens"])
+        outputs["padding_mask"] = outputs["image_padding_mask"]
+        if self.image_encoder.image_tokens == "global":
+            outputs["regional_start"] = None
+            outputs["regional_tokens"] = self.image_projection(outputs["regional_tokens"])
+        else:
+            outputs["regional_start"] = outputs["tokens"].shape[1] - num_regional
+            outputs["regional_tokens"] = outputs["tokens"][:, outputs["regional_start"]:]
+        return outputs
+
+    # ------------------------------------------------------------------ vocabulary
+    def set_vocabulary(self, task: str, class_names: Sequence[str]):
+        """Replaces the class names (target set) of ``task`` ("detection" or "classification") without
+        retraining: predictions then range over ``class_names``.
+
+        Raises:
+            ValueError: another task, an empty list, an empty or duplicate name.
+        """
+        if task not in CLASS_NAME_TASKS:
+            raise ValueError(f"set_vocabulary: task {task!r} has no class vocabulary; expected one of "
+                             f"{list(CLASS_NAME_TASKS)}")
+        self.tasks[task].set_class_names(class_names)
+
+    def vocabulary(self, task: str) -> Optional[List[str]]:
+        """Current class names of ``task`` (None if unset)."""
+        return self.tasks[task].class_names
+
+    def train(self, mode: bool = True):
+        self.targets.clear_cache()
+        return super().train(mode)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, batched_inputs: List[Dict]):
+        """
+        Args:
+            batched_inputs: dicts of ONE task, each with ``"task"`` (a task type) and the keys of that
+                task's mapper: ``image`` (C, H, W) (+ ``instances`` for detection training, ``label``
+                for classification, ``caption`` / ``captions`` for captioning and retrieval), or ``text``
+                for MLM; ``height`` / ``width`` give the output size of detections.
+
+        Returns:
+            training: dict of scalar losses (the same keys on every rank for a given task).
+            inference: one dict per input: detection ``{"instances"}`` (pred_boxes, scores, pred_classes,
+            pred_masks at the original size); classification ``{"class_scores": (C,)}``; captioning
+            ``{"caption": str}``; retrieval ``{"image_embedding", "text_embeddings" / "text_embedding"}``;
+            MLM ``{"mlm_predictions", "mlm_targets", "mlm_target_log_probs"}``.
+        """
+        task = self._batch_task(batched_inputs)
+        self.decoder.pop_aux_losses()
+        outputs = self.tasks[task](self, batched_inputs)
+        aux = self.decoder.pop_aux_losses()
+        if self.training and aux is not None:
+            outputs["loss_moe_balance"] = aux
+        return outputs
+
+    def _batch_task(self, batched_inputs: List[Dict]) -> str:
+        if not batched_inputs:
+            raise ValueError("UniPerceiverV2: empty batch")
+        tasks = [x.get("task") for x in batched_inputs]
+        missing = [i for i, t in enumerate(tasks) if t is None]
+        if missing:
+            raise ValueError(f"UniPerceiverV2: input(s) {missing} of the batch have no 'task' key; expected one of "
+                             f"{list(TASK_TYPES)}")
+        unknown = sorted({t for t in tasks if t not in self.tasks})
+        if unknown:
+            raise ValueError(f"UniPerceiverV2: unknown task(s) {unknown}; expected one of {list(self.tasks)}")
+        if len(set(tasks)) > 1:
+            raise ValueError(f"UniPerceiverV2: a batch must hold one task (unmixed sampling), got "
+                             f"{sorted(set(tasks))}; mixed batches are split by the trainer")
+        return tasks[0]
+
+
+def _default_class_names(cfg, task_type: str) -> Optional[List[str]]:
+    """``thing_classes`` of the first training (else test) dataset of ``task_type`` in DATASETS.UP2.TASKS
+    or, for a single-task detection run, of DATASETS.TRAIN; None when no dataset names them."""
+    names = []
+    for entry in get_task_entries(cfg, require_train=False):
+        if entry.type == task_type:
+            names.extend(entry.train_datasets + entry.test_datasets)
+    if not names and task_type == "detection":
+        names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
+    for name in names:
+        classes = MetadataCatalog.get(name).get("thing_classes", None)
+        if classes:
+            return list(classes)
+    return None

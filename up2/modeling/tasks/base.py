@@ -1,0 +1,67 @@
+"""Interface of a task formulation (``TASK_REGISTRY``).
+
+A task module turns a batch of its inputs into the unified formulation: input sequences and a target
+set through the shared networks of the meta-architecture, similarity logits, a loss in training and
+Detectron2-style outputs at inference. It owns only task-specific state (e.g. its class names); the
+shared networks are passed in as ``model`` (a :class:`~up2.modeling.meta_arch.UniPerceiverV2`), which
+provides ``encode_images``, ``text_encoder``, ``decoder``, ``head``, ``targets`` and ``device``.
+"""
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from up2.modeling.tasks.targets import check_class_names
+
+__all__ = ["TaskHead", "ClassNamesMixin"]
+
+
+class TaskHead(nn.Module):
+    """Base class: ``forward(model, batched_inputs)`` returns losses in training, outputs in inference.
+
+    Attributes:
+        task_type: one of ``up2.config.TASK_TYPES``; also the task group of the similarity temperature.
+    """
+
+    task_type = ""
+
+    def forward(self, model, batched_inputs: List[Dict]):
+        if self.training:
+            return self.losses(model, batched_inputs)
+        return self.inference(model, batched_inputs)
+
+    def losses(self, model, batched_inputs: List[Dict]) -> Dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def inference(self, model, batched_inputs: List[Dict]) -> List[Dict]:
+        raise NotImplementedError
+
+
+class ClassNamesMixin:
+    """Class names as the target set of a task (detection, classification); replaceable at inference
+    (open vocabulary) with :meth:`set_class_names`."""
+
+    class_names: Optional[List[str]] = None
+
+    def set_class_names(self, names: Sequence[str]):
+        self.class_names = check_class_names(self.task_type, names)
+
+    def require_class_names(self) -> List[str]:
+        if not self.class_names:
+            raise ValueError(f"Task '{self.task_type}' has no class names: give the dataset metadata "
+                             f"'thing_classes' or call model.set_vocabulary('{self.task_type}', names)")
+        return self.class_names
+
+    def class_embeddings(self, model) -> torch.Tensor:
+        """(C, d) decoder outputs of the class names."""
+        return model.targets.class_embeddings(model.text_encoder, model.decoder, self.task_type,
+                                              self.require_class_names())
+
+
+def vocabulary_logits(model, task: str, hidden: torch.Tensor) -> torch.Tensor:
+    """(..., V) logits of decoder outputs ``hidden`` (..., d) against every vocabulary token."""
+    vocabulary = model.targets.vocabulary_embeddings(model.text_encoder, model.decoder, task)
+    return model.head(hidden, vocabulary.to(hidden.dtype), task)
+
+
+__all__ += ["vocabulary_logits"]
