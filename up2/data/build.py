@@ -6,7 +6,8 @@ Every task entry of ``DATASETS.UP2.TASKS`` gets its own Detectron2 train loader:
 several training datasets, a :class:`~up2.data.samplers.WeightedDatasetSampler` (weights
 ``TRAIN_DATASET_WEIGHTS`` or size ** ``DATASETS.UP2.SIZE_WEIGHT_POWER``). Loader iterators are
 created on first use and kept (:class:`MultiTaskDataLoader`): a task that is never sampled never
-starts its workers.
+starts its workers. A task with a tar-shard training dataset (``register_image_text_shards``) is
+streamed instead (:mod:`up2.data.streams`), with the same weighting of its datasets.
 """
 import logging
 import zlib
@@ -22,6 +23,7 @@ from detectron2.utils import comm
 from up2.config import TaskEntry, get_task_entries
 from up2.data.mappers import build_mapper
 from up2.data.samplers import WeightedDatasetSampler, dataset_sampling_weights
+from up2.data.streams import build_streaming_test_loader, build_streaming_train_loader, is_streaming_dataset
 
 __all__ = ["build_task_train_loader", "build_task_test_loader", "build_task_train_loaders",
            "load_task_dataset_dicts", "mixed_batch_sizes", "task_loader_seed", "MultiTaskDataLoader"]
@@ -46,6 +48,9 @@ def load_task_dataset_dicts(cfg, task_type: str, dataset_names: Sequence[str]):
     """
     dicts, sizes = [], []
     for name in dataset_names:
+        if is_streaming_dataset(name):
+            raise ValueError(f"Dataset '{name}' is stored as tar shards and has no list of dicts; "
+                             "build_task_train_loader streams it")
         if task_type == "detection":
             items = get_detection_dataset_dicts([name], filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
         else:
@@ -95,6 +100,10 @@ def build_task_train_loader(cfg, entry: TaskEntry, batch_size: Optional[int] = N
         produce square images, so they do not group.
     """
     batch_size = entry.batch_size if batch_size is None else int(batch_size)
+    if any(is_streaming_dataset(name) for name in entry.train_datasets):
+        mapper = build_mapper(cfg, entry.type, is_train=True) if mapper is None else mapper
+        seed = task_loader_seed(cfg, entry.name) if seed is None else seed
+        return build_streaming_train_loader(cfg, entry, batch_size, mapper, seed)
     dicts, sizes = load_task_dataset_dicts(cfg, entry.type, entry.train_datasets)
     seed = task_loader_seed(cfg, entry.name) if seed is None else seed
     sampler = _train_sampler(cfg, entry, dicts, sizes, seed)
@@ -112,13 +121,16 @@ def build_task_test_loader(cfg, dataset_name: str, task_type: str, batch_size: O
     ranks (``InferenceSampler``).
 
     Detection uses Detectron2's batch size 1; the other tasks ``batch_size`` (default
-    ``DATASETS.UP2.TEST_BATCH_SIZE``) per GPU. Yields ``list[dict]``.
+    ``DATASETS.UP2.TEST_BATCH_SIZE``) per GPU. Yields ``list[dict]``. A tar-shard dataset is read
+    once, split over ranks and workers by shard.
     """
     mapper = build_mapper(cfg, task_type, is_train=False)
     if task_type == "detection":
         return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
-    dataset = MapDataset(DatasetFromList(DatasetCatalog.get(dataset_name), copy=False), mapper)
     batch_size = cfg.DATASETS.UP2.TEST_BATCH_SIZE if batch_size is None else int(batch_size)
+    if is_streaming_dataset(dataset_name):
+        return build_streaming_test_loader(cfg, dataset_name, task_type, batch_size, mapper)
+    dataset = MapDataset(DatasetFromList(DatasetCatalog.get(dataset_name), copy=False), mapper)
     return torchdata.DataLoader(dataset, batch_size=batch_size, sampler=InferenceSampler(len(dataset)),
                                 num_workers=cfg.DATALOADER.NUM_WORKERS, collate_fn=trivial_batch_collator)
 

@@ -19,6 +19,7 @@ so randomness comes from numpy's global RNG, which Detectron2 reseeds in every D
   then ``INPUT.RANDOM_FLIP``.
 * mlm: text is passed through; tokenisation and masking happen in the model.
 """
+import io
 import logging
 import math
 from typing import List, Tuple
@@ -47,6 +48,16 @@ def read_image(file_name: str, image_format: str) -> np.ndarray:
         return utils.read_image(file_name, format=image_format)
     except (OSError, ValueError, SyntaxError) as e:  # PIL raises these for corrupt files
         raise ImageReadError(f"Cannot read image {file_name}: {type(e).__name__}: {e}") from e
+
+
+def _decode_image_bytes(data: bytes, image_format: str, name: str) -> np.ndarray:
+    """Decodes an encoded image held in memory as ``read_image`` does a file (EXIF orientation applied,
+    ``image_format`` channels), raising :class:`ImageReadError` naming ``name``."""
+    try:
+        with Image.open(io.BytesIO(data)) as pil_image:
+            return utils.convert_PIL_to_numpy(utils._apply_exif_orientation(pil_image), image_format)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ImageReadError(f"Cannot read image {name}: {type(e).__name__}: {e}") from e
 
 
 class RandomResizedCrop(T.Augmentation):
@@ -101,7 +112,8 @@ def _square_image_augmentations(image_size: int, is_train: bool, crop_scale, tes
 
 
 class _SquareImageMapper:
-    """Reads ``dataset_dict["file_name"]`` and applies square augmentations (see module doc)."""
+    """Reads ``dataset_dict["file_name"]`` (or decodes ``dataset_dict["image_bytes"]``) and applies square
+    augmentations (see module doc)."""
 
     task = ""
 
@@ -133,13 +145,24 @@ class _SquareImageMapper:
                 "augmentations": _square_image_augmentations(size, is_train, scale, cls._test_crop_ratio)}
 
     def _load_image(self, dataset_dict: dict) -> dict:
-        image = read_image(dataset_dict["file_name"], self.image_format)
+        # An encoded image held in memory ("image_bytes", named by "source": tar shards, see
+        # up2.data.shards) is decoded instead of reading "file_name"; the output keeps whichever of
+        # "file_name" / "source" the input has.
+        if "image_bytes" in dataset_dict:
+            image = _decode_image_bytes(dataset_dict["image_bytes"], self.image_format,
+                                        dataset_dict.get("source", "<in-memory image>"))
+        else:
+            image = read_image(dataset_dict["file_name"], self.image_format)
         height, width = image.shape[:2]
         aug_input = T.AugInput(image)
         self.augmentations(aug_input)
         image = torch.as_tensor(np.ascontiguousarray(aug_input.image.transpose(2, 0, 1)))
-        return {"image": image, "image_id": dataset_dict["image_id"], "file_name": dataset_dict["file_name"],
-                "height": height, "width": width, "task": self.task}
+        out = {"image": image, "image_id": dataset_dict["image_id"], "height": height, "width": width,
+               "task": self.task}
+        for key in ("file_name", "source"):
+            if key in dataset_dict:
+                out[key] = dataset_dict[key]
+        return out
 
 
 class ClassificationMapper(_SquareImageMapper):

@@ -10,6 +10,7 @@ TensorBoard, ETA in the log) with the pieces that up2 needs to differ:
 * ``test()`` returns ``{dataset_name: {metric: value}}`` (flat metrics, the ``eval_results.json``
   contract of ``train_net.py --eval-only``).
 """
+import contextlib
 import functools
 import json
 import logging
@@ -94,7 +95,10 @@ class UP2Trainer(DefaultTrainer):
         data_loader = self.build_train_loader(cfg)
         # weak reference: the model must not keep its trainer alive
         model.register_forward_hook(functools.partial(UP2Trainer._check_losses_are_finite, weakref.proxy(self)))
-        model = create_ddp_model(model, broadcast_buffers=False)
+        # With unmixed sampling every rank runs the same task, so the unused parameters (e.g. the image
+        # encoder in an MLM step) are the same on every rank: DDP can find them without hanging.
+        model = create_ddp_model(model, broadcast_buffers=False,
+                                 find_unused_parameters=bool(get_task_entries(cfg, require_train=False)))
         trainer_cls = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
         self._trainer = trainer_cls(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
@@ -144,10 +148,13 @@ class UP2Trainer(DefaultTrainer):
         return MultiTaskDataLoader(build_task_train_loaders(cfg))
 
     @classmethod
-    def build_test_loader(cls, cfg, dataset_name):
+    def build_test_loader(cls, cfg, dataset_name, task_type=None):
+        """Test loader of ``dataset_name`` with the mapper of ``task_type`` (default: the dataset's task in
+        ``DATASETS.UP2.TASKS``; give it for a dataset evaluated by several tasks)."""
         from up2.data import build_task_test_loader
 
-        task_type = dict(test_datasets_with_tasks(cfg)).get(dataset_name)
+        if task_type is None:
+            task_type = dict(test_datasets_with_tasks(cfg)).get(dataset_name)
         if task_type is None or (task_type == "detection" and not get_task_entries(cfg, require_train=False)):
             return super().build_test_loader(cfg, dataset_name)
         return build_task_test_loader(cfg, dataset_name, task_type)
@@ -199,13 +206,36 @@ class UP2Trainer(DefaultTrainer):
         """
         results = OrderedDict()
         for index, (dataset_name, task_type) in enumerate(test_datasets_with_tasks(cfg)):
-            data_loader = cls.build_test_loader(cfg, dataset_name)
+            data_loader = cls.build_test_loader(cfg, dataset_name, task_type=task_type)
             if evaluators is not None:
                 evaluator = evaluators[index]
             else:
                 evaluator = cls.build_evaluator(cfg, dataset_name, task_type=task_type)
-            dataset_results = inference_on_dataset(model, data_loader, evaluator)
-            results[dataset_name] = flatten_results_dict(dataset_results or {})
+            with _dataset_vocabulary(model, dataset_name, task_type):
+                dataset_results = inference_on_dataset(model, data_loader, evaluator)
+            flat = flatten_results_dict(dataset_results or {})
+            # a dataset evaluated by several tasks (captions: captioning and retrieval) gets all their metrics
+            results.setdefault(dataset_name, OrderedDict()).update(flat)
             if comm.is_main_process():
-                logger.info("Evaluation results of %s (%s): %s", dataset_name, task_type, results[dataset_name])
+                logger.info("Evaluation results of %s (%s): %s", dataset_name, task_type, flat)
         return results
+
+
+@contextlib.contextmanager
+def _dataset_vocabulary(model, dataset_name: str, task_type: str):
+    """Evaluates class-name tasks over the test dataset's ``thing_classes`` (open vocabulary), restoring
+    the model's vocabulary afterwards; a no-op for models without ``set_vocabulary``."""
+    from detectron2.data import MetadataCatalog
+
+    model = model.module if isinstance(model, DistributedDataParallel) else model
+    classes = MetadataCatalog.get(dataset_name).get("thing_classes", None)
+    if not hasattr(model, "set_vocabulary") or task_type not in ("detection", "classification") or not classes:
+        yield
+        return
+    previous = model.vocabulary(task_type)
+    model.set_vocabulary(task_type, classes)
+    try:
+        yield
+    finally:
+        if previous:
+            model.set_vocabulary(task_type, previous)

@@ -15,6 +15,9 @@ Dataset dicts, by format:
 * COCO captions json: one dict per image ``{"file_name", "image_id", "height", "width",
   "captions": [str], "caption_ids": [int]}``.
 * text corpus (one passage per line): ``{"text", "text_id"}``.
+* image-text tar shards: ``DatasetCatalog.get`` returns an :class:`up2.data.shards.ImageTextShards`
+  (sized by its ``shards.json``, streamed by the task loaders); its samples are
+  ``{"image_bytes", "source", "image_id", "captions"}``; metadata ``dataset_format="image_text_shards"``.
 """
 import json
 import logging
@@ -25,12 +28,15 @@ from typing import Callable, Dict, List
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.coco import load_coco_json
 
+from up2.data.shards import ImageTextShards
+
 __all__ = [
     "DatasetNotFoundError",
     "register_coco_instances_dataset",
     "register_class_folder_dataset",
     "register_caption_dataset",
     "register_text_dataset",
+    "register_image_text_shards",
     "IMAGE_EXTENSIONS",
 ]
 
@@ -94,7 +100,8 @@ def _read_class_names(class_names_file: str, class_dirs: List[str]) -> List[str]
     return [readable[d] for d in class_dirs]
 
 
-def register_class_folder_dataset(name: str, root: str, class_names_file: str, prepare_hint: str = ""):
+def register_class_folder_dataset(name: str, root: str, class_names_file: str, prepare_hint: str = "",
+                                  *, lazy_metadata: bool = False):
     """Registers an ImageNet-style folder tree ``root/<class_dir>/<image>`` for classification.
 
     Args:
@@ -102,6 +109,9 @@ def register_class_folder_dataset(name: str, root: str, class_names_file: str, p
         root: directory holding one sub-directory per class.
         class_names_file: JSON mapping each class directory to a readable class name.
         prepare_hint: what to run when the files are missing (shown in the error).
+        lazy_metadata: do not look at the disk when registering; ``thing_classes`` and
+            ``class_dirs`` are then set when the dataset is first loaded. By default they are read
+            at registration when the files exist.
     """
 
     def class_dirs() -> List[str]:
@@ -120,10 +130,12 @@ def register_class_folder_dataset(name: str, root: str, class_names_file: str, p
                                   "image_id": len(dicts), "label": label})
         if not dicts:
             raise DatasetNotFoundError(f"Dataset '{name}': no images found under {root}. {prepare_hint}")
+        if lazy_metadata:
+            MetadataCatalog.get(name).set(class_dirs=dirs, thing_classes=_read_class_names(class_names_file, dirs))
         return dicts
 
     metadata = {}
-    if os.path.isdir(root) and os.path.isfile(class_names_file):
+    if not lazy_metadata and os.path.isdir(root) and os.path.isfile(class_names_file):
         dirs = class_dirs()
         metadata = {"class_dirs": dirs, "thing_classes": _read_class_names(class_names_file, dirs)}
     _register(name, load, image_root=root, class_names_file=class_names_file,
@@ -190,3 +202,26 @@ def register_text_dataset(name: str, text_file: str, prepare_hint: str = ""):
         return [{"text": line, "text_id": i} for i, line in enumerate(line for line in lines if line)]
 
     _register(name, load, text_file=text_file, evaluator_type="mlm", prepare_hint=prepare_hint)
+
+
+def register_image_text_shards(name: str, shard_glob_or_dir: str, index_file: str = None, prepare_hint: str = "",
+                               shuffle_buffer: int = 256):
+    """Registers image-text pairs stored as tar shards (see :mod:`up2.data.shards`) for captioning and
+    retrieval training. Nothing is read until the dataset is loaded; the task loaders then stream the
+    shards per rank and DataLoader worker (:mod:`up2.data.streams`).
+
+    Args:
+        name: dataset name, e.g. ``"cc3m_train"``.
+        shard_glob_or_dir: a directory with ``shards.json`` and the shards it lists, or a glob of
+            ``.tar`` files (e.g. ``".../cc3m/shards/00000*.tar"``) whose sizes are read from the index.
+        index_file: the ``shards.json`` to use; default the one in the shard directory.
+        prepare_hint: what to run when the files are missing (shown in the error).
+        shuffle_buffer: samples each worker holds to shuffle the stream in training (memory: about
+            this many encoded images per worker and shard dataset).
+    """
+
+    def load():
+        return ImageTextShards.from_path(name, shard_glob_or_dir, index_file, shuffle_buffer, prepare_hint)
+
+    _register(name, load, shards=shard_glob_or_dir, index_file=index_file, evaluator_type="caption",
+              dataset_format="image_text_shards", prepare_hint=prepare_hint)

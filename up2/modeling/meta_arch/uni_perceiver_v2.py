@@ -47,7 +47,8 @@ class UniPerceiverV2(nn.Module):
     @configurable
     def __init__(self, *, image_encoder: ImageEncoder, text_encoder: nn.Module, decoder: nn.Module,
                  head: SimilarityHead, tasks: Mapping[str, nn.Module], targets: TargetEncoder, image_token_dim: int,
-                 pixel_mean: Sequence[float], pixel_std: Sequence[float], size_divisibility: int = 32):
+                 pixel_mean: Sequence[float], pixel_std: Sequence[float], size_divisibility: int = 32,
+                 mixed_loss_weights: Optional[Mapping[str, float]] = None):
         super().__init__()
         self.image_encoder, self.text_encoder, self.decoder, self.head = image_encoder, text_encoder, decoder, head
         self.tasks = nn.ModuleDict(dict(tasks))
@@ -56,6 +57,8 @@ class UniPerceiverV2(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         self.size_divisibility = size_divisibility
+        # "mixed" sampling (paper Table 4): task type -> loss weight; None = one task per batch
+        self.mixed_loss_weights = dict(mixed_loss_weights) if mixed_loss_weights is not None else None
 
     @classmethod
     def from_config(cls, cfg):
@@ -76,6 +79,7 @@ class UniPerceiverV2(nn.Module):
             "image_token_dim": cfg.MODEL.UP2.PROPOSER.HIDDEN_DIM,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN, "pixel_std": cfg.MODEL.PIXEL_STD,
             "size_divisibility": max(32, image_encoder.backbone.size_divisibility),
+            "mixed_loss_weights": _mixed_loss_weights(cfg),
         }
 
     @property
@@ -150,7 +154,26 @@ class UniPerceiverV2(nn.Module):
             ``{"caption": str}``; retrieval ``{"image_embedding", "text_embeddings" / "text_embedding"}``;
             MLM ``{"mlm_predictions", "mlm_targets", "mlm_target_log_probs"}``.
         """
-        task = self._batch_task(batched_inputs)
+        if self.training and self.mixed_loss_weights is not None:
+            return self._mixed_losses(batched_inputs)
+        return self.forward_task(self._batch_task(batched_inputs), batched_inputs)
+
+    def _mixed_losses(self, batched_inputs: List[Dict]) -> Dict[str, torch.Tensor]:
+        """Mixed sampling: the batch holds several tasks (the same composition on every rank); each task's
+        losses, weighted by its loss weight, are returned as ``{task}/{loss name}``."""
+        groups: Dict[str, List[Dict]] = {}
+        for x in batched_inputs:
+            groups.setdefault(x.get("task"), []).append(x)
+        losses = {}
+        for task, inputs in groups.items():
+            self._batch_task(inputs)  # names a missing / unknown task
+            weight = self.mixed_loss_weights.get(task, 1.0)
+            for name, value in self.forward_task(task, inputs).items():
+                losses[f"{task}/{name}"] = weight * value
+        return losses
+
+    def forward_task(self, task: str, batched_inputs: List[Dict]):
+        """Runs one task's formulation (losses in training, outputs in inference)."""
         self.decoder.pop_aux_losses()
         outputs = self.tasks[task](self, batched_inputs)
         aux = self.decoder.pop_aux_losses()
@@ -171,8 +194,20 @@ class UniPerceiverV2(nn.Module):
             raise ValueError(f"UniPerceiverV2: unknown task(s) {unknown}; expected one of {list(self.tasks)}")
         if len(set(tasks)) > 1:
             raise ValueError(f"UniPerceiverV2: a batch must hold one task (unmixed sampling), got "
-                             f"{sorted(set(tasks))}; mixed batches are split by the trainer")
+                             f"{sorted(set(tasks))}; mixed batches need SOLVER.UP2.SAMPLING 'mixed'")
         return tasks[0]
+
+
+def _mixed_loss_weights(cfg) -> Optional[Dict[str, float]]:
+    """Task type -> loss weight of DATASETS.UP2.TASKS when SOLVER.UP2.SAMPLING is "mixed", else None."""
+    if cfg.SOLVER.UP2.SAMPLING != "mixed":
+        return None
+    weights = {}
+    for entry in get_task_entries(cfg, require_train=False):
+        if weights.setdefault(entry.type, entry.loss_weight) != entry.loss_weight:
+            raise ValueError(f"Mixed sampling weights losses per task type; the '{entry.type}' entries of "
+                             "DATASETS.UP2.TASKS have different LOSS_WEIGHT values")
+    return weights
 
 
 def _default_class_names(cfg, task_type: str) -> Optional[List[str]]:

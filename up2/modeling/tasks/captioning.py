@@ -67,13 +67,18 @@ class CaptioningTask(TaskHead):
         tokens = model.decoder.spe_token.expand(batch, positions.numel(), -1)
         return Segment(tokens, MODALITY_TEXT, SIDE_INPUT, True, padding, positions)
 
-    def losses(self, model, batched_inputs: List[Dict]) -> Dict[str, torch.Tensor]:
-        captions = [x["caption"] for x in batched_inputs]
+    def teacher_forced_logits(self, model, batched_inputs: List[Dict], captions: List[str]):
+        """Logits of the training sequence.
+
+        Returns:
+            tuple: logits (B, T, V) of placeholders ``<spe>_0..<spe>_{T-1}`` and targets (B, T) (the words
+            w_0..w_{T-1}: caption tokens after ``<s>``, ending with ``</s>``; -100 at padding).
+        """
         text = model.text_encoder.tokenize(captions)
         ids, mask = text["input_ids"], text["attention_mask"]
         words = self._word_features(model, ids, mask)  # (B, T, d)
-        targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
         word_padding = mask[:, 1:] == 0
+        targets = ids[:, 1:].masked_fill(word_padding, -100)
         images, padding_mask = model.preprocess_images(batched_inputs)
         image = model.encode_images(images.tensor, padding_mask)
         num_image, num_words = image["tokens"].shape[1], words.shape[1]
@@ -83,29 +88,38 @@ class CaptioningTask(TaskHead):
                     self._placeholders(model, words.shape[0], positions, word_padding)]
         attn_mask = caption_training_mask(num_image, num_words, image["padding_mask"], word_padding)
         hidden = model.decoder(self.task_type, segments, attn_mask=attn_mask).hidden
-        logits = vocabulary_logits(model, self.task_type, hidden[:, 1 + num_image + num_words:])
+        return vocabulary_logits(model, self.task_type, hidden[:, 1 + num_image + num_words:]), targets
+
+    def losses(self, model, batched_inputs: List[Dict]) -> Dict[str, torch.Tensor]:
+        logits, targets = self.teacher_forced_logits(model, batched_inputs, [x["caption"] for x in batched_inputs])
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         return {"loss_captioning": loss}
 
-    def _banned_tokens(self, tokenizer) -> List[int]:
-        """Special tokens that never appear inside a caption (eos stays allowed)."""
-        return [i for i in tokenizer.all_special_ids if i != tokenizer.eos_token_id]
+    def _banned_tokens(self, model) -> List[int]:
+        """Special tokens that never appear inside a caption (the end token stays allowed)."""
+        eos = model.text_encoder.eos_token_id
+        return [i for i in model.text_encoder.tokenizer.all_special_ids if i != eos]
 
-    def inference(self, model, batched_inputs: List[Dict]) -> List[Dict]:
-        tokenizer = model.text_encoder.tokenizer
-        bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    def decoding_start(self, model, batched_inputs: List[Dict]):
+        """Encodes the image side once into a key/value cache.
+
+        Returns:
+            tuple: ``step_fn(tokens (N, 1), state) -> (log_probs (N, V), state)`` for
+            :func:`beam_search` / :func:`greedy_decode` (first call with the start token), and the initial
+            state (leading dim B).
+        """
         images, padding_mask = model.preprocess_images(batched_inputs)
         image = model.encode_images(images.tensor, padding_mask)
         batch, num_image_side = image["tokens"].shape[0], 1 + image["tokens"].shape[1]
         cache = KVCache(model.decoder.num_layers)
         model.decoder(self.task_type, [image_segment(image["tokens"], image["padding_mask"], SIDE_INPUT)],
                       cache=cache)
-        banned = torch.tensor(self._banned_tokens(tokenizer), dtype=torch.long, device=model.device)
+        banned = torch.tensor(self._banned_tokens(model), dtype=torch.long, device=model.device)
         state = {"cache": cache, "image_padding": image["padding_mask"],
                  "prefix": torch.zeros((batch, 0), dtype=torch.long, device=model.device)}
 
         def step_fn(tokens, state):
-            """tokens (N, 1): bos at the first call, then the last chosen word."""
+            """tokens (N, 1): the start token at the first call, then the last chosen word."""
             prefix = torch.cat([state["prefix"], tokens], dim=1)  # <s> w_0 .. w_{t-1}
             t = prefix.shape[1] - 1  # words decoded so far
             segments = []
@@ -121,9 +135,16 @@ class CaptioningTask(TaskHead):
             logits[:, banned] = float("-inf")
             return logits.log_softmax(-1), dict(state, prefix=prefix)
 
+        return step_fn, state
+
+    def inference(self, model, batched_inputs: List[Dict]) -> List[Dict]:
+        bos, eos = model.text_encoder.bos_token_id, model.text_encoder.eos_token_id
+        step_fn, state = self.decoding_start(model, batched_inputs)
+        batch = len(batched_inputs)
         if self.decoding == "beam":
             result = beam_search(step_fn, state, batch, self.beam_size, self.max_length, bos, eos,
                                  self.length_penalty, device=model.device)
         else:
             result = greedy_decode(step_fn, state, batch, self.max_length, bos, eos, device=model.device)
+        tokenizer = model.text_encoder.tokenizer
         return [{"caption": tokenizer.decode(seq, skip_special_tokens=True).strip()} for seq in result.sequences]

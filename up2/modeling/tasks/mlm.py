@@ -93,6 +93,15 @@ class MLMTask(TaskHead):
         return {"mask_prob": mlm.MASK_PROB, "replace_probs": tuple(mlm.REPLACE_PROBS), "whole_word": mlm.WHOLE_WORD,
                 "eval_seed": cfg.MODEL.UP2.TEST.MLM_SEED}
 
+    def _random_token_ids(self, tokenizer) -> torch.Tensor:
+        """Ids a "random" replacement draws from (every non-special token), computed once per tokenizer."""
+        key = (id(tokenizer), len(tokenizer))
+        if getattr(self, "_random_ids_key", None) != key:
+            special = set(tokenizer.all_special_ids)
+            self._random_ids = torch.tensor([i for i in range(len(tokenizer)) if i not in special])
+            self._random_ids_key = key
+        return self._random_ids
+
     def _masked_batch(self, model, batched_inputs: List[Dict]):
         tokenizer = model.text_encoder.tokenizer
         if tokenizer.mask_token_id is None:
@@ -101,8 +110,7 @@ class MLMTask(TaskHead):
         word_ids = text["word_ids"]
         if not self.whole_word:  # every token its own "word"
             word_ids = [[None if w is None else t for t, w in enumerate(words)] for words in word_ids]
-        special = set(tokenizer.all_special_ids)
-        random_ids = torch.tensor([i for i in range(len(tokenizer)) if i not in special])
+        random_ids = self._random_token_ids(tokenizer)
         seeds = None if self.training else [_text_seed(x.get("text_id", i), self.eval_seed)
                                             for i, x in enumerate(batched_inputs)]
         masked, targets = whole_word_mask(text["input_ids"].cpu(), word_ids, tokenizer.mask_token_id, random_ids,

@@ -106,8 +106,7 @@ class TargetEncoder(nn.Module):
     def _encode_vocabulary(self, text_encoder, decoder, task: str) -> torch.Tensor:
         tokenizer = text_encoder.tokenizer
         vocab_size, device = len(tokenizer), text_encoder.device
-        bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id
-        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+        bos, eos = text_encoder.bos_token_id, text_encoder.eos_token_id
         world, rank = world_info() if self.training else (1, 0)
         per_rank = -(-vocab_size // world)
         ids = torch.arange(rank * per_rank, min(vocab_size, (rank + 1) * per_rank), device=device)

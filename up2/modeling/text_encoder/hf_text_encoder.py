@@ -111,6 +111,18 @@ class HFTextEncoder(nn.Module):
     def device(self) -> torch.device:
         return self.projection.weight.device
 
+    @property
+    def bos_token_id(self) -> int:
+        """Id that starts a sequence: ``<s>`` (RoBERTa) or ``[CLS]`` (BERT)."""
+        tok = self.tokenizer
+        return tok.bos_token_id if tok.bos_token_id is not None else tok.cls_token_id
+
+    @property
+    def eos_token_id(self) -> int:
+        """Id that ends a sequence: ``</s>`` (RoBERTa) or ``[SEP]`` (BERT)."""
+        tok = self.tokenizer
+        return tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+
     def tokenize(self, texts: Sequence[str], word_ids: bool = False) -> Dict[str, torch.Tensor]:
         """Token ids and attention mask, padded to the longest text: (B, T) each.
 
