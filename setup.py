@@ -118,6 +118,8 @@ setup(
         "timm>=0.9",
         "pycocoevalcap>=1.2",
         "scipy>=1.9",
+        # Detectron2's Visualizer (demo pictures) imports cv2
+        "opencv-python-headless>=4.5",
         "shapely>=2.0",
     ],
     extras_require={
