@@ -6,7 +6,8 @@
     python train_net.py --config-file X.yaml --resume
 
 ``--num-gpus N`` starts N processes (NCCL on GPUs; gloo on CPU-only machines). ``--eval-only``
-writes ``OUTPUT_DIR/eval_results.json`` = ``{dataset_name: {metric: value}}``.
+writes ``OUTPUT_DIR/eval_results.json`` = ``{dataset_name: {metric: value}}``. ``--resume`` continues
+a multi-task run exactly where it stopped (same batches and random numbers, see ``up2.engine.resume``).
 """
 import logging
 

@@ -6,6 +6,13 @@ TensorBoard, ETA in the log) with the pieces that up2 needs to differ:
 * up2's optimizer (MT-AdamW or AdamW with up2's parameter groups) from ``SOLVER.UP2.*``;
 * multi-task runs (``DATASETS.UP2.TASKS``): one loader per task and a :class:`TaskSamplingHook` that
   picks the task of every iteration (the same on every rank) and sets it on the optimizer;
+* exact ``--resume`` (:mod:`up2.engine.resume`): checkpoints hold the optimizer (and grad scaler)
+  state, which Detectron2 0.6's ``DefaultTrainer`` leaves out, and the position of every task's
+  loader; the global RNGs are reseeded before every step from ``(seed, rank, iteration)``;
+* ``SOLVER.AMP.ENABLED``: autocast with ``SOLVER.UP2.AMP_DTYPE`` (bfloat16 or float16) on CPU or
+  GPU (:class:`AutocastTrainer`; Detectron2 0.6's ``AMPTrainer`` is CUDA and float16 only);
+* ``skipped/<dataset>/<reason>`` in ``metrics.json``: samples the streaming loaders skipped
+  (:class:`SkippedSamplesHook`);
 * evaluators and test loaders chosen by each test dataset's task;
 * ``test()`` returns ``{dataset_name: {metric: value}}`` (flat metrics, the ``eval_results.json``
   contract of ``train_net.py --eval-only``).
@@ -16,12 +23,13 @@ import json
 import logging
 import math
 import os
+import time
 import weakref
 from collections import OrderedDict
 from typing import Dict, List, Tuple
 
 import torch
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
+from detectron2.engine import DefaultTrainer, HookBase, SimpleTrainer, TrainerBase, hooks
 from detectron2.evaluation import inference_on_dataset
 from detectron2.evaluation.testing import flatten_results_dict
 from detectron2.utils import comm
@@ -31,7 +39,8 @@ from torch.nn.parallel import DistributedDataParallel
 from up2.checkpoint import AtomicCheckpointer, atomic_write_bytes
 from up2.config import get_task_entries
 
-__all__ = ["UP2Trainer", "create_ddp_model", "test_datasets_with_tasks", "write_eval_results"]
+__all__ = ["UP2Trainer", "AutocastTrainer", "SkippedSamplesHook", "amp_dtype", "create_ddp_model",
+           "test_datasets_with_tasks", "write_eval_results"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +91,83 @@ def test_datasets_with_tasks(cfg) -> List[Tuple[str, str]]:
     return pairs
 
 
+AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def amp_dtype(cfg) -> torch.dtype:
+    """The autocast dtype of ``SOLVER.UP2.AMP_DTYPE``."""
+    name = cfg.SOLVER.UP2.AMP_DTYPE
+    if name not in AMP_DTYPES:
+        raise ValueError(f"SOLVER.UP2.AMP_DTYPE must be one of {sorted(AMP_DTYPES)}, got {name!r}")
+    return AMP_DTYPES[name]
+
+
+class AutocastTrainer(SimpleTrainer):
+    """``SimpleTrainer`` whose forward pass runs under ``torch.autocast`` on the model's device type
+    (CPU or CUDA) with ``dtype``. float16 scales the loss with a ``torch.amp.GradScaler`` (saved in
+    the checkpoint); bfloat16 has float32's exponent range and needs none."""
+
+    def __init__(self, model, data_loader, optimizer, dtype: torch.dtype):
+        super().__init__(model, data_loader, optimizer)
+        self.dtype = dtype
+        self.device_type = next(model.parameters()).device.type
+        self.grad_scaler = torch.amp.GradScaler(self.device_type) if dtype == torch.float16 else None
+
+    def run_step(self):
+        assert self.model.training, "[AutocastTrainer] model was changed to eval mode!"
+        start = time.perf_counter()
+        data = next(self._data_loader_iter)
+        data_time = time.perf_counter() - start
+        with torch.autocast(self.device_type, dtype=self.dtype):
+            loss_dict = self.model(data)
+            if isinstance(loss_dict, torch.Tensor):
+                losses, loss_dict = loss_dict, {"total_loss": loss_dict}
+            else:
+                losses = sum(loss_dict.values())
+        self.optimizer.zero_grad()
+        (losses if self.grad_scaler is None else self.grad_scaler.scale(losses)).backward()
+        self._write_metrics(loss_dict, data_time)
+        if self.grad_scaler is None:
+            self.optimizer.step()
+        else:
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+
+    def state_dict(self):
+        ret = super().state_dict()
+        if self.grad_scaler is not None:
+            ret["grad_scaler"] = self.grad_scaler.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if self.grad_scaler is not None and "grad_scaler" in state_dict:
+            self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
+
+
+class SkippedSamplesHook(HookBase):
+    """Every ``period`` iterations (and at the last one), puts the samples skipped so far by the
+    streaming loaders (:func:`up2.data.shards.skipped_samples`), summed over ranks, into the
+    EventStorage as ``skipped/<dataset>/<reason>``; placed before the ``PeriodicWriter`` of the same
+    period, they reach ``metrics.json``."""
+
+    def __init__(self, period: int = 20):
+        self._period = int(period)
+
+    def after_step(self):
+        next_iter = self.trainer.iter + 1
+        if next_iter % self._period and next_iter != self.trainer.max_iter:
+            return
+        from up2.data.shards import skipped_samples
+
+        totals = {}
+        for counts in comm.all_gather(skipped_samples()):  # every rank runs this hook at the same steps
+            for key, count in counts.items():
+                totals[key] = totals.get(key, 0) + count
+        for key, count in sorted(totals.items()):
+            self.trainer.storage.put_scalar(f"skipped/{key}", count, smoothing_hint=False)
+
+
 class UP2Trainer(DefaultTrainer):
     """``DefaultTrainer`` with up2's DDP, checkpointer, optimizer and evaluators (see module doc)."""
 
@@ -99,8 +185,10 @@ class UP2Trainer(DefaultTrainer):
         # encoder in an MLM step) are the same on every rank: DDP can find them without hanging.
         model = create_ddp_model(model, broadcast_buffers=False,
                                  find_unused_parameters=bool(get_task_entries(cfg, require_train=False)))
-        trainer_cls = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
-        self._trainer = trainer_cls(model, data_loader, optimizer)
+        if cfg.SOLVER.AMP.ENABLED:
+            self._trainer = AutocastTrainer(model, data_loader, optimizer, amp_dtype(cfg))
+        else:
+            self._trainer = SimpleTrainer(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.start_iter = 0
@@ -139,13 +227,42 @@ class UP2Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        """One loader per task of ``DATASETS.UP2.TASKS`` (a :class:`MultiTaskDataLoader` fed by the
-        task-sampling hook), or Detectron2's loader of ``DATASETS.TRAIN`` for a single-task run."""
-        from up2.data import MultiTaskDataLoader, build_task_train_loaders
+        """One resumable loader per task of ``DATASETS.UP2.TASKS`` (a :class:`MultiTaskDataLoader` of
+        :class:`~up2.engine.resume.ResumableTaskLoader` fed by the task-sampling hook), or Detectron2's
+        loader of ``DATASETS.TRAIN`` for a single-task run."""
+        from up2.data import MultiTaskDataLoader
+        from up2.engine.resume import build_resumable_task_loaders
 
         if not get_task_entries(cfg):
             return super().build_train_loader(cfg)
-        return MultiTaskDataLoader(build_task_train_loaders(cfg))
+        return MultiTaskDataLoader(build_resumable_task_loaders(cfg))
+
+    def _task_loaders(self) -> Dict[str, object]:
+        """The per-task loaders that have a position to checkpoint (none in single-task runs)."""
+        loaders = getattr(self._trainer.data_loader, "loaders", {})
+        return {name: loader for name, loader in loaders.items() if hasattr(loader, "state_dict")}
+
+    def state_dict(self):
+        """Detectron2's trainer state (iteration, hook states: LR scheduler, task counts, seed) plus
+        the optimizer and grad-scaler state (``"_trainer"``) and each task loader's position."""
+        ret = super().state_dict()
+        ret["_trainer"] = self._trainer.state_dict()
+        ret["task_loaders"] = {name: loader.state_dict() for name, loader in self._task_loaders().items()}
+        return ret
+
+    def load_state_dict(self, state_dict):
+        TrainerBase.load_state_dict(self, state_dict)
+        if "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])
+        else:
+            logger.warning("The checkpoint has no optimizer state: the optimizer starts afresh")
+        saved = state_dict.get("task_loaders", {})
+        for name, loader in self._task_loaders().items():
+            if name in saved:
+                loader.load_state_dict(saved[name])
+            else:
+                logger.warning("The checkpoint has no position for the train loader of task '%s': it "
+                               "restarts its stream", name)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name, task_type=None):
@@ -160,8 +277,11 @@ class UP2Trainer(DefaultTrainer):
         return build_task_test_loader(cfg, dataset_name, task_type)
 
     def build_hooks(self):
-        """Detectron2's hooks, preceded by the task-sampling hook in multi-task runs; the evaluation
-        hook also writes ``OUTPUT_DIR/eval_results.json``."""
+        """Detectron2's hooks, preceded by the :class:`IterationSeedHook` (seed ``cfg.SEED``, or one
+        drawn and shared by the ranks) and, in multi-task runs, the task-sampling hook; a
+        :class:`SkippedSamplesHook` before the writers; the evaluation hook also writes
+        ``OUTPUT_DIR/eval_results.json``."""
+        from up2.engine.resume import IterationSeedHook
         from up2.engine.task_sampling import TaskSamplingHook, build_task_sampler
 
         hook_list = super().build_hooks()
@@ -170,6 +290,10 @@ class UP2Trainer(DefaultTrainer):
             sampler = build_task_sampler(self.cfg, entries)
             hook_list.insert(0, TaskSamplingHook(sampler, check_agreement=self.cfg.SOLVER.UP2.CHECK_TASK_AGREEMENT,
                                                  data_loader=self._trainer.data_loader))
+        seed = self.cfg.SEED if self.cfg.SEED >= 0 else comm.shared_random_seed()
+        hook_list.insert(0, IterationSeedHook(seed))
+        writers = [i for i, hook in enumerate(hook_list) if isinstance(hook, hooks.PeriodicWriter)]
+        hook_list.insert(writers[0] if writers else len(hook_list), SkippedSamplesHook(period=20))
 
         def test_and_write_results():
             results = self.test(self.cfg, self.model)

@@ -67,7 +67,9 @@ class UniPerceiverV2(nn.Module):
         for task_type in TASK_TYPES:
             kwargs = {}
             if task_type in CLASS_NAME_TASKS:
-                kwargs["class_names"] = _default_class_names(cfg, task_type)
+                datasets = _class_name_datasets(cfg, task_type)
+                kwargs["class_names"] = _default_class_names(datasets)
+                kwargs["class_names_datasets"] = datasets
             tasks[task_type] = build_task(cfg, task_type, **kwargs)
         return {
             "image_encoder": image_encoder,
@@ -210,16 +212,21 @@ def _mixed_loss_weights(cfg) -> Optional[Dict[str, float]]:
     return weights
 
 
-def _default_class_names(cfg, task_type: str) -> Optional[List[str]]:
-    """``thing_classes`` of the first training (else test) dataset of ``task_type`` in DATASETS.UP2.TASKS
-    or, for a single-task detection run, of DATASETS.TRAIN; None when no dataset names them."""
+def _class_name_datasets(cfg, task_type: str) -> List[str]:
+    """Training then test datasets of ``task_type`` in DATASETS.UP2.TASKS (or, for a single-task detection
+    run, DATASETS.TRAIN / TEST): where the default class names come from."""
     names = []
     for entry in get_task_entries(cfg, require_train=False):
         if entry.type == task_type:
             names.extend(entry.train_datasets + entry.test_datasets)
     if not names and task_type == "detection":
         names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
-    for name in names:
+    return names
+
+
+def _default_class_names(datasets: Sequence[str]) -> Optional[List[str]]:
+    """``thing_classes`` of the first dataset whose metadata has them now (None: resolved at first use)."""
+    for name in datasets:
         classes = MetadataCatalog.get(name).get("thing_classes", None)
         if classes:
             return list(classes)

@@ -15,8 +15,12 @@ the mixed weights are built once per distinct routing (a few per batch) and each
 FFN instead of k, i.e. near-dense cost. Gradients still reach only the gate and the selected experts.
 
 Tokens are grouped by routing (:class:`RoutingPlan`, shared by every layer of a decoder since attributes
-and segments do not change between layers), the U mixtures are built with one einsum over the stacked
-expert weights, and the groups run as one padded batched matmul or one matmul per group.
+and segments do not change between layers) and the layer runs :func:`~up2.modeling.moe.experts.mixed_expert_ffn`,
+a hand-written forward / backward: the U mixtures are written once (k selected experts read per routing),
+each group is one dense matmul per FFN layer, and the backward folds the U mixed-weight gradients into
+the expert and gate gradients with one pass over each large tensor. The cost above a dense FFN of the
+same width is this weight-space work, O((U + E) ffn d) per call whatever the number of tokens, plus the
+(E, ffn, d) expert gradients themselves (``benchmarks/moe.py`` measures the ratio).
 """
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
@@ -25,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from up2.modeling.moe.experts import ExpertFFNs, grouped_ffn
+from up2.modeling.moe.experts import ExpertFFNs, mixed_expert_ffn
 from up2.modeling.moe.gate import DEFAULT_NUM_ATTRIBUTE_VALUES, AttributeGate
 
 __all__ = ["ConditionalMoEFFN", "FFN", "RoutingPlan", "build_routing_plan", "build_ffn"]
@@ -36,16 +40,21 @@ class RoutingPlan:
     """Tokens grouped by their segment's attribute vector; computed once per batch, reused by every layer.
 
     Attributes:
-        attributes: (U, A) long, the distinct attribute vectors that own at least one token.
+        attributes: (U, A) long, the distinct attribute vectors that own at least one token, in the
+            order of their first token.
         counts: U python ints, tokens of each attribute vector (sum N = B*T).
         order: (N,) long, flat token indices sorted by attribute vector (stable).
         inverse: (N,) long, ``sorted[inverse]`` restores the (B*T) order.
+        contiguous: True when ``order`` is the identity (every routing's tokens already form one run, e.g.
+            a single routing, or one sequence whose segments each route differently): the layer then
+            skips the two permutations.
     """
 
     attributes: torch.Tensor
     counts: List[int]
     order: torch.Tensor
     inverse: torch.Tensor
+    contiguous: bool = False
 
 
 def build_routing_plan(segment_attributes: torch.Tensor, segment_ids: torch.Tensor) -> RoutingPlan:
@@ -69,10 +78,18 @@ def build_routing_plan(segment_attributes: torch.Tensor, segment_ids: torch.Tens
     distinct, seg_route = torch.unique(segment_attributes.reshape(-1, num_attrs), dim=0, return_inverse=True)
     token_route = seg_route.view(batch, num_segments).gather(1, segment_ids.long()).reshape(-1)
     present, token_route, counts = torch.unique(token_route, return_inverse=True, return_counts=True)
+    # number the routings in the order of their first token, so already grouped tokens need no permutation
+    positions = torch.arange(token_route.numel(), device=token_route.device)
+    first = torch.full_like(counts, token_route.numel()).scatter_reduce(0, token_route, positions, "amin")
+    rank = torch.empty_like(first)
+    rank[first.argsort()] = torch.arange(first.numel(), device=first.device)
+    token_route = rank[token_route]
     order = torch.argsort(token_route, stable=True)
     inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=order.device)
-    return RoutingPlan(distinct[present], counts.tolist(), order, inverse)
+    inverse[order] = positions
+    contiguous = bool((token_route[1:] >= token_route[:-1]).all()) if token_route.numel() > 1 else True
+    routes_by_rank = first.argsort()
+    return RoutingPlan(distinct[present[routes_by_rank]], counts[routes_by_rank].tolist(), order, inverse, contiguous)
 
 
 class ConditionalMoEFFN(nn.Module):
@@ -132,11 +149,17 @@ class ConditionalMoEFFN(nn.Module):
         if sum(plan.counts) != batch * length:
             raise ValueError(f"ConditionalMoEFFN: routing plan covers {sum(plan.counts)} tokens, x has "
                              f"{batch}x{length}")
-        gates, indices, logits = self.route(plan.attributes)
-        w1, b1, w2, b2 = self.experts.merged(gates)
-        x_sorted = x.reshape(-1, dim)[plan.order]
-        y = grouped_ffn(x_sorted, plan.counts, w1.to(x.dtype), b1.to(x.dtype), w2.to(x.dtype), b2.to(x.dtype),
-                        self.dropout, self.training)[plan.inverse].view(batch, length, dim)
+        indices, gates, logits = self.gate(plan.attributes)
+        e = self.experts
+        order, inverse = (None, None) if plan.contiguous else (plan.order, plan.inverse)
+        args = (indices.tolist(), plan.counts, e.w1, e.b1, e.w2, e.b2, order, inverse, self.dropout, self.training)
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):  # like F.linear under autocast: computed in the autocast dtype
+            with torch.autocast(device_type, enabled=False):
+                y = mixed_expert_ffn(x.reshape(-1, dim).to(torch.get_autocast_dtype(device_type)), gates, *args)
+        else:
+            y = mixed_expert_ffn(x.reshape(-1, dim), gates, *args)
+        y = y.view(batch, length, dim)
         if self.balance_loss_weight > 0:
             aux = self.balance_loss_weight * self.balance_loss(logits, indices, plan.counts)
         else:

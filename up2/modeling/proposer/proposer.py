@@ -176,17 +176,22 @@ class DeformableRegionProposer(nn.Module):
                            enc["level_start_index"], enc["valid_ratios"], attn_mask)
 
         num_dn = dn["dn_meta"]["num_dn_queries"] if dn is not None else 0
+        # masks of the earlier layers (and the encoder's) serve only the losses: without targets only the
+        # final layer's are computed (they feed the fusion and the predictions)
+        num_layers = len(dec["logits"])
         layers = [{"pred_logits": logits, "pred_boxes": boxes,
-                   "pred_masks": self.mask_branch.predict(embeds, pixel_features)}
-                  for logits, boxes, embeds in zip(dec["logits"], dec["boxes"], dec["mask_embeds"])]
-        matching = [{k: v[:, num_dn:] for k, v in layer.items()} for layer in layers]
+                   "pred_masks": (self.mask_branch.predict(embeds, pixel_features)
+                                  if targets is not None or index == num_layers - 1 else None)}
+                  for index, (logits, boxes, embeds) in enumerate(zip(dec["logits"], dec["boxes"], dec["mask_embeds"]))]
+        matching = [{k: (v[:, num_dn:] if v is not None else None) for k, v in layer.items()} for layer in layers]
         predictions = matching[-1]
         outputs = dict(predictions)
         outputs["aux_outputs"] = matching[:-1]
         enc_sel = sel["enc_outputs"]
-        outputs["enc_outputs"] = {
-            "pred_logits": enc_sel["pred_logits"], "pred_boxes": enc_sel["pred_boxes"],
-            "pred_masks": self.mask_branch.predict(self.decoder.mask_embed(enc_sel["features"]), pixel_features)}
+        if targets is not None:
+            outputs["enc_outputs"] = {
+                "pred_logits": enc_sel["pred_logits"], "pred_boxes": enc_sel["pred_boxes"],
+                "pred_masks": self.mask_branch.predict(self.decoder.mask_embed(enc_sel["features"]), pixel_features)}
         if dn is not None:
             dn_layers = [{k: v[:, :num_dn] for k, v in layer.items()} for layer in layers]
             outputs["dn_outputs"] = dict(dn_layers[-1], aux_outputs=dn_layers[:-1], dn_meta=dn["dn_meta"])

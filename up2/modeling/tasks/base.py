@@ -39,17 +39,31 @@ class TaskHead(nn.Module):
 
 class ClassNamesMixin:
     """Class names as the target set of a task (detection, classification); replaceable at inference
-    (open vocabulary) with :meth:`set_class_names`."""
+    (open vocabulary) with :meth:`set_class_names`.
+
+    ``class_names_datasets``: datasets whose metadata ``thing_classes`` give the default names when none
+    were set; read at first use, so datasets whose metadata appears only when they are loaded (lazy
+    registrations such as ImageNet's) work once the train loader has been built.
+    """
 
     class_names: Optional[List[str]] = None
+    class_names_datasets: Sequence[str] = ()
 
     def set_class_names(self, names: Sequence[str]):
         self.class_names = check_class_names(self.task_type, names)
 
     def require_class_names(self) -> List[str]:
         if not self.class_names:
-            raise ValueError(f"Task '{self.task_type}' has no class names: give the dataset metadata "
-                             f"'thing_classes' or call model.set_vocabulary('{self.task_type}', names)")
+            from detectron2.data import MetadataCatalog
+
+            for name in self.class_names_datasets:
+                classes = MetadataCatalog.get(name).get("thing_classes", None)
+                if classes:
+                    self.set_class_names(classes)
+                    break
+        if not self.class_names:
+            raise ValueError(f"Task '{self.task_type}' has no class names: the datasets {list(self.class_names_datasets)} "
+                             f"have no metadata 'thing_classes'; call model.set_vocabulary('{self.task_type}', names)")
         return self.class_names
 
     def class_embeddings(self, model) -> torch.Tensor:

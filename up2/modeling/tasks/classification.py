@@ -26,21 +26,24 @@ class ClassificationTask(ClassNamesMixin, TaskHead):
     """
     Args:
         class_names: default target set (the training dataset's ``thing_classes``), may be None.
+        class_names_datasets: datasets whose ``thing_classes`` are read at first use when none are set.
         label_smoothing: of the cross-entropy (0.1).
     """
 
     task_type = "classification"
 
     @configurable
-    def __init__(self, *, class_names=None, label_smoothing: float = 0.1):
+    def __init__(self, *, class_names=None, class_names_datasets=(), label_smoothing: float = 0.1):
         super().__init__()
         if class_names:
             self.set_class_names(class_names)
+        self.class_names_datasets = tuple(class_names_datasets)
         self.label_smoothing = label_smoothing
 
     @classmethod
-    def from_config(cls, cfg, class_names=None):
-        return {"class_names": class_names, "label_smoothing": cfg.MODEL.UP2.HEAD.LABEL_SMOOTHING}
+    def from_config(cls, cfg, class_names=None, class_names_datasets=()):
+        return {"class_names": class_names, "class_names_datasets": class_names_datasets,
+                "label_smoothing": cfg.MODEL.UP2.HEAD.LABEL_SMOOTHING}
 
     def logits(self, model, batched_inputs: List[Dict]) -> torch.Tensor:
         """(B, C) logits."""

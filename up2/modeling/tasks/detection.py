@@ -31,6 +31,7 @@ class DetectionTask(ClassNamesMixin, TaskHead):
     Args:
         dim: decoder width (the "no object" embedding lives in the decoder's output space).
         class_names: default target set (the training dataset's ``thing_classes``), may be None.
+        class_names_datasets: datasets whose ``thing_classes`` are read at first use when none are set.
         class_weight: weight of the classification loss.
         no_object_weight: weight of the "no object" class in the cross-entropy.
         detections_per_image, score_thresh, mask_threshold: inference.
@@ -40,7 +41,8 @@ class DetectionTask(ClassNamesMixin, TaskHead):
     task_type = "detection"
 
     @configurable
-    def __init__(self, *, dim: int, class_names=None, class_weight: float = 2.0, no_object_weight: float = 0.1,
+    def __init__(self, *, dim: int, class_names=None, class_names_datasets=(), class_weight: float = 2.0,
+                 no_object_weight: float = 0.1,
                  detections_per_image: int = 100, score_thresh: float = 0.0, mask_threshold: float = 0.5,
                  score: str = "class_x_objectness"):
         super().__init__()
@@ -50,14 +52,16 @@ class DetectionTask(ClassNamesMixin, TaskHead):
         self.no_object = nn.Parameter(torch.randn(dim) * 0.02)
         if class_names:
             self.set_class_names(class_names)
+        self.class_names_datasets = tuple(class_names_datasets)
         self.class_weight, self.no_object_weight = class_weight, no_object_weight
         self.detections_per_image, self.score_thresh = detections_per_image, score_thresh
         self.mask_threshold, self.score = mask_threshold, score
 
     @classmethod
-    def from_config(cls, cfg, class_names=None):
+    def from_config(cls, cfg, class_names=None, class_names_datasets=()):
         loss, test = cfg.MODEL.UP2.LOSS, cfg.MODEL.UP2.TEST
         return {"dim": cfg.MODEL.UP2.DECODER.HIDDEN_DIM, "class_names": class_names,
+                "class_names_datasets": class_names_datasets,
                 "class_weight": loss.CLASS_WEIGHT, "no_object_weight": loss.NO_OBJECT_WEIGHT,
                 "detections_per_image": test.DETECTIONS_PER_IMAGE, "score_thresh": test.SCORE_THRESH,
                 "mask_threshold": test.MASK_THRESHOLD, "score": test.DETECTION_SCORE}
