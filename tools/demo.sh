@@ -31,3 +31,15 @@ for dataset, metrics in json.load(open(sys.argv[1])).items():
     print(f"  {dataset}: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(main.items())))
 PYEOF
 fi
+if [[ -f "$OUTPUT/model_final.pth" ]]; then
+  # detections, top class and caption of the first validation images, in one picture (log beside it)
+  if "$PY" tools/demo_picture.py --config-file "$CONFIG" --weights "$OUTPUT/model_final.pth" \
+      --dataset shapes_det_val --num-images 6 --output "$OUTPUT/demo_predictions.png" "$@" \
+      > "$OUTPUT/demo_picture.log" 2>&1; then
+    echo "  picture:        $OUTPUT/demo_predictions.png (detections, top class, caption of 6 val images)"
+  else
+    echo "[demo] tools/demo_picture.py failed; the end of $OUTPUT/demo_picture.log:" >&2
+    tail -n 20 "$OUTPUT/demo_picture.log" >&2
+    exit 1
+  fi
+fi

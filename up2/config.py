@@ -243,7 +243,9 @@ def _add_solver_config(cfg):
     # Learning-rate multiplier of the pretrained modality encoders (paper §5.2: 0.1).
     cfg.SOLVER.UP2.ENCODER_LR_MULTIPLIER = 0.1
     # Parameter-name prefixes that belong to the pretrained encoders.
-    cfg.SOLVER.UP2.ENCODER_PARAM_PREFIXES = ["backbone.", "text_encoder.encoder."]
+    # (UniPerceiverV2 keeps the image backbone under "image_encoder.backbone."; single-task Detectron2
+    # meta-architectures under "backbone.".)
+    cfg.SOLVER.UP2.ENCODER_PARAM_PREFIXES = ["image_encoder.backbone.", "backbone.", "text_encoder.encoder."]
     # Weight decay of embeddings and learnable temperatures.
     cfg.SOLVER.UP2.WEIGHT_DECAY_EMBED = 0.0
     # Task sampling: "unmixed" (one task per iteration for every GPU) or "mixed" (paper Table 4).

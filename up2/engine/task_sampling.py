@@ -117,6 +117,17 @@ class TaskSamplingHook(HookBase):
         for name, count in self.counts.items():
             storage.put_scalar(f"task_iters/{name}", count, smoothing_hint=False)
 
+    def after_step(self):
+        """Logs the step's total loss under its task (``task_loss/<name>`` in metrics.json / TensorBoard):
+        Detectron2 logs a single-loss dict only as ``total_loss``, mixing the tasks."""
+        storage = self.trainer.storage
+        tasks = getattr(self.trainer, "current_tasks", None)
+        if not tasks or "total_loss" not in storage.histories():
+            return
+        value, iteration = storage.history("total_loss").values()[-1]
+        if iteration == storage.iter:  # written by this step (main process)
+            storage.put_scalar(f"task_loss/{'+'.join(t.name for t in tasks)}", value)
+
     @staticmethod
     def _check_agreement(iteration: int, names: List[str]):
         gathered = comm.all_gather(list(names))

@@ -172,3 +172,18 @@ def test_pretrained_minilm_as_text_encoder(tiny_text_dirs, up2_cfg_factory):
     with torch.no_grad():
         model.set_vocabulary("classification", CLASSES)
         assert model(batch("classification", 1))[0]["class_scores"].shape == (4,)
+
+
+def test_default_class_names_come_from_dataset_metadata_even_when_set_after_building(tiny_up2_cfg):
+    from detectron2.data import MetadataCatalog
+
+    cfg = tiny_up2_cfg.clone()
+    cfg.DATASETS.UP2.TASKS = [{"NAME": "classification", "TYPE": "classification",
+                               "TRAIN_DATASETS": ["up2_test_lazy_classes"]}]
+    model = build_model(cfg)  # the (lazy) dataset has no thing_classes yet
+    assert model.vocabulary("classification") is None
+    MetadataCatalog.get("up2_test_lazy_classes").set(thing_classes=["star", "circle"])  # set when loaded
+    model.eval()
+    with torch.no_grad():
+        scores = model(batch("classification", 1))[0]["class_scores"]
+    assert scores.shape == (2,) and model.vocabulary("classification") == ["star", "circle"]
