@@ -98,11 +98,7 @@ def test_routing_plan_groups_tokens():
     assert torch.equal(plan.order[plan.inverse], torch.arange(21))
 
 
-@pytest.mark.parametrize("max_padding", [0.0, 10.0])  # loop over routings / one padded bmm
-def test_merged_path_equals_explicit_mixture(max_padding, monkeypatch):
-    import up2.modeling.moe.layer as layer_module
-    monkeypatch.setattr(layer_module, "grouped_ffn",
-                        lambda *args, **kw: grouped_ffn(*args, **{**kw, "max_padding": max_padding}))
+def test_merged_path_equals_explicit_mixture():
     layer = _layer()
     x, attrs, seg = _batch()
     y, aux = layer(x, attrs, seg)
@@ -112,6 +108,18 @@ def test_merged_path_equals_explicit_mixture(max_padding, monkeypatch):
     indices, gates, _ = layer.gate(torch.tensor(CAP_IMG))
     out_mix = sum(g * layer.experts.expert(int(i), x[0, 0]) for g, i in zip(gates, indices))
     assert not torch.allclose(y[0, 0], out_mix, atol=1e-6)
+
+
+@pytest.mark.parametrize("max_padding", [0.0, 10.0])  # loop over routings / one padded bmm
+def test_grouped_ffn_equals_explicit_mixture(max_padding):
+    """The autograd reference path: merged mixtures + grouped_ffn on the sorted tokens."""
+    layer = _layer()
+    x, attrs, seg = _batch()
+    plan = build_routing_plan(attrs, seg)
+    gates, _, _ = layer.route(plan.attributes)
+    w1, b1, w2, b2 = layer.experts.merged(gates)
+    y = grouped_ffn(x.reshape(-1, D)[plan.order], plan.counts, w1, b1, w2, b2, max_padding=max_padding)
+    assert torch.allclose(y[plan.inverse].view_as(x), _explicit_mixture(layer, x, attrs, seg), atol=1e-12)
 
 
 def test_top1_equals_the_selected_expert():

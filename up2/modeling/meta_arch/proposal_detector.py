@@ -13,6 +13,7 @@ from detectron2.structures import ImageList
 from torch import nn
 
 from up2.modeling import proposer as _proposer  # noqa: F401  (registers DeformableRegionProposer)
+from up2.modeling.preprocessing import batch_images
 from up2.modeling.build import build_proposer
 from up2.modeling.postprocessing import detections_to_instances
 from up2.modeling.proposer.targets import instances_to_targets
@@ -65,13 +66,7 @@ class ProposalDetector(nn.Module):
 
     def preprocess_image(self, batched_inputs):
         """Normalised, padded images and their (B, H, W) padding mask (True at padding)."""
-        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
-        images = ImageList.from_tensors(images, self.size_divisibility)
-        batch, _, height, width = images.tensor.shape
-        padding_mask = torch.ones((batch, height, width), dtype=torch.bool, device=self.device)
-        for i, (h, w) in enumerate(images.image_sizes):
-            padding_mask[i, :h, :w] = False
-        return images, padding_mask
+        return batch_images(batched_inputs, self.pixel_mean, self.pixel_std, self.size_divisibility)
 
     def forward(self, batched_inputs: List[Dict]):
         """

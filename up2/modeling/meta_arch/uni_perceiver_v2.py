@@ -13,10 +13,10 @@ import torch
 from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY
-from detectron2.structures import ImageList
 from torch import nn
 
 from up2.config import TASK_TYPES, get_task_entries
+from up2.modeling.preprocessing import batch_images
 from up2.modeling.build import build_task, build_text_encoder, build_unified_decoder
 from up2.modeling.image_encoder import ImageEncoder
 from up2.modeling.similarity import SimilarityHead
@@ -91,13 +91,7 @@ class UniPerceiverV2(nn.Module):
     # ------------------------------------------------------------------ shared encoders (used by tasks)
     def preprocess_images(self, batched_inputs: List[Dict]):
         """Normalised, padded images (ImageList) and their (B, H, W) padding mask (True at padding)."""
-        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
-        images = ImageList.from_tensors(images, self.size_divisibility)
-        batch, _, height, width = images.tensor.shape
-        padding_mask = torch.ones((batch, height, width), dtype=torch.bool, device=self.device)
-        for i, (h, w) in enumerate(images.image_sizes):
-            padding_mask[i, :h, :w] = False
-        return images, padding_mask
+        return batch_images(batched_inputs, self.pixel_mean, self.pixel_std, self.size_divisibility)
 
     def encode_images(self, images: torch.Tensor, padding_mask: torch.Tensor, targets=None) -> Dict:
         """Image encoder outputs with the tokens projected to the decoder width.

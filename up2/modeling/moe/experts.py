@@ -118,14 +118,13 @@ def grouped_ffn(x_sorted: torch.Tensor, counts: List[int], w1, b1, w2, b2, dropo
 
 _aten = torch.ops.aten
 
-# Large buffers cost page faults: glibc serves allocations >= its mmap threshold (at most 32 MiB) with fresh
-# mmap()s and trims freed heap memory back to the system, so the first write of every 4 KiB page of such a
-# buffer traps into the kernel (~18k faults for an (E, ffn, d) gradient at d=768: slower than the writes).
-# CPU buffers of at least HUGEPAGE_MIN_BYTES are advised to use transparent huge pages instead (what
-# PyTorch's THP_MEM_ALLOC_ENABLE=1 does for every allocation): same contents, ~500x fewer faults.
-# Advisory only (Linux; silently skipped elsewhere or when libc cannot be loaded).
-HUGEPAGE_MIN_BYTES = 2 << 20
-_HUGEPAGE = 2 << 20
+# The (E, ffn, d) expert gradients are larger than glibc's mmap threshold (at most 32 MiB), so each is a
+# fresh mmap() whose 4 KiB pages all fault on first write (~18k faults at d=768, E=8: slower than the writes
+# themselves). CPU buffers of at least HUGEPAGE_MIN_BYTES are advised to use transparent huge pages (what
+# PyTorch's THP_MEM_ALLOC_ENABLE=1 does for every allocation): same contents, ~500x fewer faults. Smaller
+# buffers are left alone: the allocator recycles them without faults. Advisory only (Linux; skipped
+# elsewhere or when libc cannot be loaded).
+HUGEPAGE_MIN_BYTES = 32 << 20
 _MADV_HUGEPAGE = 14
 _madvise = None
 
@@ -144,27 +143,14 @@ def _advise_hugepages(start: int, length: int):
         _madvise(start, length, _MADV_HUGEPAGE)
 
 
-def _new_buffer(shape, like: torch.Tensor, aligned: bool = False) -> torch.Tensor:
-    """Uninitialised tensor with like's dtype and device; large CPU ones backed by huge pages (Linux).
-
-    ``aligned``: for internal buffers, start the data on a huge-page boundary (the tensor is a view into
-    a slightly larger allocation), so that no 4 KiB pages remain at its ends.
-    """
-    numel = math.prod(shape)
-    nbytes = numel * like.element_size()
-    if like.device.type != "cpu" or nbytes < HUGEPAGE_MIN_BYTES or not sys.platform.startswith("linux"):
-        return like.new_empty(shape)
-    if not aligned:
-        out = like.new_empty(shape)
+def _new_buffer(shape, like: torch.Tensor) -> torch.Tensor:
+    """Uninitialised tensor with like's dtype and device; large CPU ones backed by huge pages (Linux)."""
+    out = like.new_empty(shape)
+    nbytes = out.numel() * out.element_size()
+    if out.device.type == "cpu" and nbytes >= HUGEPAGE_MIN_BYTES and sys.platform.startswith("linux"):
         page = 4096
-        start = -(-out.data_ptr() // page) * page
+        start = -(-out.data_ptr() // page) * page  # whole pages inside the buffer only
         _advise_hugepages(start, (out.data_ptr() + nbytes - start) // page * page)
-        return out
-    spare = 2 * _HUGEPAGE // like.element_size()
-    block = like.new_empty(numel + spare)
-    offset = (-block.data_ptr() % _HUGEPAGE) // like.element_size()
-    out = block[offset:offset + numel].view(shape)
-    _advise_hugepages(out.data_ptr(), -(-nbytes // _HUGEPAGE) * _HUGEPAGE)
     return out
 
 
@@ -195,23 +181,23 @@ class MixedExpertFFN(torch.autograd.Function):
     relative to a dense FFN):
 
     * each mixture is one matrix-vector product over a strided view of its k selected experts (no
-      (U, E) x (E, ffn*d) product reading unselected experts, no gather), all U written into one buffer
-      per layer tensor; the matmuls write straight into slices of the outputs (no padding, no
-      concatenation), the biases are broadcast to their rows by one (N, U) x (U, n) product;
-    * the backward writes the U mixed-weight gradients dW_u into one buffer (one matmul each), then the
-      expert gradients ``dW_e = sum_u g_ue dW_u`` with one matrix-vector product per expert over the
-      routings that selected it (unselected experts are zero-filled), and the gate gradients
-      ``dL/dg_ue = <dW_u, W_e>`` (+ the bias terms) with one matrix-vector product per routing: every
-      large tensor is read about once, and no zero-filled gradient of the mixtures is materialised;
-      the bias gradients of all routings are one (U, N) x (N, n) product;
-    * small weight spaces (<= ``SMALL_WEIGHT_SPACE`` elements per stacked tensor) use three
-      (U, E)-dense products per tensor instead, fewer calls when the data is small;
+      (U, E) x (E, ffn*d) product reading unselected experts, no gather); the matmuls write straight
+      into slices of the outputs (no padding, no concatenation) and the biases are broadcast to their
+      rows by one (N, U) x (U, n) product;
+    * the backward computes each routing's mixed-weight gradient dW_u (one matmul into one reused
+      buffer) and folds it at once into the expert gradients, ``dW_e (+)= g_ue dW_u``, and the gate
+      gradients, ``dL/dg_ue = <dW_u, W_e>``, one BLAS call each, while dW_u is fresh: no zero-filled
+      (U, ...) gradient of the mixtures, no stacking; unselected experts get zero-filled gradients; the
+      bias gradients of all routings are one (U, N) x (N, n) product;
+    * small weight spaces (<= ``SMALL_WEIGHT_SPACE`` elements per stacked tensor) use (U, E)-dense
+      products instead: fewer calls, when the call overhead outweighs the extra reads;
     * the weight-space work is BLAS calls rather than elementwise kernels: on a CPU shared with other
       processes they keep their speed where elementwise kernels with 2 threads can slow down several
       times;
-    * large CPU buffers are backed by transparent huge pages (see ``_new_buffer``);
-    * the token permutation is two row gathers, one in each direction (their backward is a gather by the
-      inverse permutation, not a scatter).
+    * buffers are allocated per routing (recycled by the allocator), the (E, ffn, d) expert gradients
+      with huge pages (see ``_new_buffer``);
+    * the token permutation is one row gather in each direction (their backward is a gather by the
+      inverse permutation, not a scatter), skipped when the plan is already grouped.
 
     Args of :meth:`forward` (use :func:`mixed_expert_ffn`): x (N, d); gates (U, k); w1 (E, ffn, d);
     b1 (E, ffn); w2 (E, d, ffn); b2 (E, d); routes: U lists of k expert indices; counts: U ints summing
@@ -221,8 +207,7 @@ class MixedExpertFFN(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, gates, w1, b1, w2, b2, routes, counts, order, inverse, dropout, training):
-        num_routes, num_experts = len(counts), w1.shape[0]
-        (num_tokens, dim), hidden_dim = x.shape, w1.shape[1]
+        num_routes, num_experts, num_tokens = len(counts), w1.shape[0], x.shape[0]
         bounds = [0]
         for count in counts:
             bounds.append(bounds[-1] + count)
@@ -231,124 +216,128 @@ class MixedExpertFFN(torch.autograd.Function):
         # (U, E) gates, zero outside the selected experts (repeated experts add up)
         dense_gates = gates.new_zeros(num_routes, num_experts).scatter_add_(1, index, gates).to(w1.dtype)
         small = w1.numel() <= SMALL_WEIGHT_SPACE
-        x_sorted = x if order is None else torch.index_select(x, 0, order, out=_new_buffer(x.shape, x, True))
-        mixed = []
+        x_sorted = x if order is None else x.index_select(0, order)
+        mixed = []  # [W1_u for u] + [W2_u for u]
         for stacked in (w1, w2):
-            out = _new_buffer((num_routes, *stacked.shape[1:]), stacked, True)
-            flat, out_flat = stacked.view(num_experts, -1), out.view(num_routes, -1)
+            flat = stacked.view(num_experts, -1)
             if small:
-                torch.mm(dense_gates, flat, out=out_flat)
-            else:
+                mixed.extend((dense_gates @ flat).view(num_routes, *stacked.shape[1:]).unbind(0))
+            else:  # one allocation per routing (<= 32 MiB ones are recycled by the allocator: no page faults)
                 for u in range(num_routes):
                     span = _span(routes[u])
-                    torch.mv(flat[span].t(), dense_gates[u, span], out=out_flat[u])
-            mixed.append(out)
-        mw1, mw2 = mixed
+                    mixed.append(torch.mv(flat[span].t(), dense_gates[u, span]).view(stacked.shape[1:]))
         mb1, mb2 = dense_gates @ b1, dense_gates @ b2
-        if mw1.dtype != x.dtype:
-            mw1, mb1, mw2, mb2 = (t.to(x.dtype) for t in (mw1, mb1, mw2, mb2))
+        if w1.dtype != x.dtype:
+            mixed, mb1, mb2 = [t.to(x.dtype) for t in mixed], mb1.to(x.dtype), mb2.to(x.dtype)
+        mw1, mw2 = mixed[:num_routes], mixed[num_routes:]
         # (U, N) indicator of the routings' rows: one matmul broadcasts the U biases to their rows (and, in
         # the backward, sums the rows of each routing) instead of one copy / reduction per routing
         member = x.new_zeros(num_routes, num_tokens)
         for u, r in enumerate(rows):
             member[u, r] = 1
-        pre = torch.mm(member.t(), mb1, out=_new_buffer((num_tokens, hidden_dim), x, True))
+        pre = member.t() @ mb1
         for u, r in enumerate(rows):
             pre[r].addmm_(x_sorted[r], mw1[u].t())
-        act, mask1, mask2 = torch._C._nn.gelu(pre, out=_new_buffer(pre.shape, pre, True)), None, None
+        act, mask1, mask2 = F.gelu(pre), None, None
         if training and dropout > 0:
             act, mask1 = torch.native_dropout(act, dropout, True)
-        y = torch.mm(member.t(), mb2, out=_new_buffer((num_tokens, dim), x, inverse is not None))
+        y = member.t() @ mb2
         for u, r in enumerate(rows):
             y[r].addmm_(act[r], mw2[u].t())
         if training and dropout > 0:
             y, mask2 = torch.native_dropout(y, dropout, True)
         if inverse is not None:
-            y = torch.index_select(y, 0, inverse, out=_new_buffer(y.shape, y))
-        ctx.save_for_backward(x_sorted, pre, act, mw1, mw2, w1, b1, w2, b2, dense_gates, index, member, order,
-                              inverse, mask1, mask2)
+            y = y.index_select(0, inverse)
+        ctx.save_for_backward(x_sorted, pre, act, w1, b1, w2, b2, dense_gates, index, member, order, inverse, mask1,
+                              mask2, *mixed)
         ctx.routes, ctx.rows, ctx.dropout, ctx.small, ctx.gates_dtype = routes, rows, dropout, small, gates.dtype
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y):
-        (x_sorted, pre, act, mw1, mw2, w1, b1, w2, b2, dense_gates, index, member, order, inverse, mask1,
-         mask2) = ctx.saved_tensors
+        (x_sorted, pre, act, w1, b1, w2, b2, dense_gates, index, member, order, inverse, mask1, mask2,
+         *mixed) = ctx.saved_tensors
         routes, rows, small = ctx.routes, ctx.rows, ctx.small
+        num_routes, num_experts = dense_gates.shape
+        mw1, mw2 = mixed[:num_routes], mixed[num_routes:]
         need_x, need_gates = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_experts = any(ctx.needs_input_grad[2:6])
         need_params = need_experts or need_gates
-        num_routes, num_experts = dense_gates.shape
         scale = 1.0 / (1.0 - ctx.dropout) if mask1 is not None else 1.0
-        dy = grad_y.contiguous() if order is None else torch.index_select(grad_y, 0, order,
-                                                                           out=_new_buffer(grad_y.shape, grad_y, True))
+        dy = grad_y.contiguous() if order is None else grad_y.index_select(0, order)
         if mask2 is not None:
             dy = _aten.native_dropout_backward(dy, mask2, scale)
         d_gates = dense_gates.new_zeros(num_routes, num_experts) if need_gates else None  # dL/d dense_gates
-        users = [[u for u in range(num_routes) if e in routes[u]] for e in range(num_experts)]
-        grads = {}
+        grads = [None] * 4
 
-        def fold(d_weights, d_biases, weight, bias):
-            """Expert and gate gradients from the U mixed-weight gradients d_weights (U, ...), d_biases (U, n)."""
-            if d_weights.dtype != weight.dtype:
-                d_weights, d_biases = d_weights.to(weight.dtype), d_biases.to(weight.dtype)
-            flat, d_flat = weight.view(num_experts, -1), d_weights.view(num_routes, -1)
-            if need_gates:
-                d_gates.addmm_(d_biases, bias.t())
-                if small:
+        def weight_grads(layer, d_out, inputs):
+            """Gradients of the U mixed weights of one FFN layer (d_out: (N, out), inputs: (N, in)), folded
+            into the expert and gate gradients; returns the expert gradient of that layer's weight."""
+            weight = (w1, w2)[layer]
+            flat = weight.view(num_experts, -1)
+            shape = (d_out.shape[1], inputs.shape[1])
+            if small:  # all U at once, then (E, U) x (U, ...) and (U, ...) x (..., E) products
+                d_w = d_out.new_empty(num_routes, *shape)
+                for u, r in enumerate(rows):
+                    torch.mm(d_out[r].t(), inputs[r], out=d_w[u])
+                d_flat = d_w.view(num_routes, -1).to(weight.dtype)
+                if need_gates:
                     d_gates.addmm_(d_flat, flat.t())
-                else:
-                    for u in range(num_routes):
-                        span = _span(routes[u])
-                        d_gates[u, span].addmv_(flat[span], d_flat[u])
-            if not need_experts:
-                return None, None
-            grad = _new_buffer(weight.shape, weight)
-            grad_flat = grad.view(num_experts, -1)
-            if small:
-                torch.mm(dense_gates.t(), d_flat, out=grad_flat)
-            else:
+                return (dense_gates.t() @ d_flat).view(weight.shape) if need_experts else None
+            # one routing at a time through one buffer: dW_u is read right after it is written
+            grad = _new_buffer(weight.shape, weight) if need_experts else None
+            grad_flat = grad.view(num_experts, -1) if need_experts else None
+            touched = set()
+            d_w = d_out.new_empty(shape)
+            for u, r in enumerate(rows):
+                torch.mm(d_out[r].t(), inputs[r], out=d_w)
+                d_flat = d_w.view(-1).to(weight.dtype)
+                if need_gates:
+                    span = _span(routes[u])
+                    d_gates[u, span].addmv_(flat[span], d_flat)
+                if need_experts:
+                    column = d_flat.view(1, -1).t()  # (ffn*d, 1): dW_e (+)= g_ue dW_u as one BLAS call
+                    for e in sorted(set(routes[u])):
+                        if e in touched:
+                            grad_flat[e].addmv_(column, dense_gates[u, e:e + 1])
+                        else:
+                            torch.mv(column, dense_gates[u, e:e + 1], out=grad_flat[e])
+                            touched.add(e)
+            if need_experts:
                 for e in range(num_experts):
-                    if users[e]:
-                        span = _span(users[e])
-                        torch.mv(d_flat[span].t(), dense_gates[span, e], out=grad_flat[e])
-                    else:
+                    if e not in touched:
                         grad_flat[e].zero_()
-            return grad, dense_gates.t() @ d_biases
+            return grad
 
-        d_act = _new_buffer(pre.shape, pre, True)
-        if need_params:
-            d_w = _new_buffer(mw2.shape, mw2, True)
-            d_b = member @ dy
+        def bias_grads(layer, d_out):
+            bias = (b1, b2)[layer]
+            d_b = (member @ d_out).to(bias.dtype)  # (U, n): row sums of each routing
+            if need_gates:
+                d_gates.addmm_(d_b, bias.t())
+            return dense_gates.t() @ d_b if need_experts else None
+
+        d_act = torch.empty_like(pre)
         for u, r in enumerate(rows):
-            if need_params:
-                torch.mm(dy[r].t(), act[r], out=d_w[u])
             torch.mm(dy[r], mw2[u], out=d_act[r])
         if need_params:
-            grads[2], grads[3] = fold(d_w, d_b, w2, b2)
-            del d_w
+            grads[2], grads[3] = weight_grads(1, dy, act), bias_grads(1, dy)
         if mask1 is not None:
             d_act = _aten.native_dropout_backward(d_act, mask1, scale)
         d_pre = _aten.gelu_backward.grad_input(d_act, pre, grad_input=d_act)  # in place
         del d_act
-        dx = _new_buffer(x_sorted.shape, x_sorted, inverse is not None) if need_x else None
-        if need_params:
-            d_w = _new_buffer(mw1.shape, mw1, True)
-            d_b = member @ d_pre
-        for u, r in enumerate(rows):
-            if need_params:
-                torch.mm(d_pre[r].t(), x_sorted[r], out=d_w[u])
-            if need_x:
+        dx = None
+        if need_x:
+            dx = torch.empty_like(x_sorted)
+            for u, r in enumerate(rows):
                 torch.mm(d_pre[r], mw1[u], out=dx[r])
+            if inverse is not None:
+                dx = dx.index_select(0, inverse)
         if need_params:
-            grads[0], grads[1] = fold(d_w, d_b, w1, b1)
-            del d_w
+            grads[0], grads[1] = weight_grads(0, d_pre, x_sorted), bias_grads(0, d_pre)
         if need_gates:
             d_gates = d_gates.gather(1, index).to(ctx.gates_dtype)
-        if need_x and inverse is not None:
-            dx = torch.index_select(dx, 0, inverse, out=_new_buffer(dx.shape, dx))
-        expert_grads = [grads.get(i) if ctx.needs_input_grad[2 + i] else None for i in range(4)]
+        expert_grads = [g if ctx.needs_input_grad[2 + i] else None for i, g in enumerate(grads)]
         return (dx, d_gates, *expert_grads, None, None, None, None, None, None)
 
 
@@ -374,8 +363,10 @@ def mixed_expert_ffn(x: torch.Tensor, gates: torch.Tensor, routes: Sequence[Sequ
     if (order is None) != (inverse is None):
         raise ValueError("mixed_expert_ffn: give both order and inverse, or neither")
     if len(routes) != len(counts) or gates.shape[0] != len(counts) or sum(counts) != x.shape[0]:
-        raise ValueError(f"mixed_expert_ffn: {len(routes)} routes, gates {tuple(gates.shape)} and counts {list(counts)} "
-                         f"do not match {x.shape[0]} tokens")
+        raise ValueError(f"mixed_expert_ffn: {len(routes)} routes, gates {tuple(gates.shape)} and counts "
+                         f"{list(counts)} do not match {x.shape[0]} tokens")
+    if not counts:  # no tokens
+        return x.new_zeros(x.shape)
     routes = [[int(e) for e in experts] for experts in routes]
     return MixedExpertFFN.apply(x, gates, w1, b1, w2, b2, routes, list(counts), order, inverse, float(dropout),
                                 bool(training))
