@@ -97,7 +97,11 @@ def test_tasks_alternate_with_their_batches_and_optimizer_task(shapes_names, tmp
     expected_task = {"classification": (0.7, 1.0), "mlm": (0.3, 0.5)}
     assert tasks_seen_by_optimizer == [expected_task[task] for task, _ in model.seen]
     metrics = [json.loads(line) for line in open(os.path.join(cfg.OUTPUT_DIR, "metrics.json"))]
-    last = metrics[-1]
+    # rows are per iteration; task_loss/<task> rows of earlier iterations may come after the last one
+    last = max((m for m in metrics if "task_iters/cls" in m), key=lambda m: m["iteration"])
+    assert last["iteration"] == cfg.SOLVER.MAX_ITER - 1
+    losses = {k for m in metrics for k in m if k.startswith("task_loss/")}
+    assert losses == {"task_loss/cls", "task_loss/mlm"}
     counts = {task: sum(1 for t, _ in model.seen if t == task) for task in expected_sizes}
     assert last["task_iters/cls"] == counts["classification"] and last["task_iters/mlm"] == counts["mlm"]
 

@@ -44,8 +44,9 @@ def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, scale: tor
         all_images, all_texts = all_gather_with_grad(image_emb), all_gather_with_grad(text_emb)
         offset = _rank_offset(image_emb.shape[0], all_images.shape[0], rank, world)
     labels = torch.arange(image_emb.shape[0], device=image_emb.device) + offset
-    i2t = scale * image_emb.float() @ all_texts.float().T
-    t2i = scale * text_emb.float() @ all_images.float().T
+    dtype = torch.promote_types(image_emb.dtype, torch.float32)  # at least fp32 logits
+    i2t = scale * image_emb.to(dtype) @ all_texts.to(dtype).T
+    t2i = scale * text_emb.to(dtype) @ all_images.to(dtype).T
     return 0.5 * (F.cross_entropy(i2t, labels, label_smoothing=label_smoothing)
                   + F.cross_entropy(t2i, labels, label_smoothing=label_smoothing))
 
