@@ -189,3 +189,19 @@ def karpathy_to_caption_splits(images: List[dict], split_of: Dict[str, str], fil
     logger.info("%s: Karpathy splits %s -> %s", os.path.basename(source), dict(counts),
                 {s: len(d["images"]) for s, d in out.items()})
     return out
+
+
+def write_caption_splits(splits: Dict[str, dict], outputs: Dict[str, str], expected_images: Dict[str, int],
+                         overwrite: bool):
+    """Writes each split's caption json to ``outputs[split]`` (kept if it exists, unless ``overwrite``),
+    warning when a split's image count differs from ``expected_images[split]`` (the standard split)."""
+    for split, path in outputs.items():
+        count = len(splits[split]["images"])
+        if count != expected_images[split]:
+            logger.warning("Split %s has %d images; the standard Karpathy split has %d", split, count,
+                           expected_images[split])
+        if os.path.exists(path) and not overwrite:
+            logger.info("%s exists, kept", path)
+            continue
+        atomic_write_json(path, splits[split])
+        logger.info("Wrote %s: %d images, %d captions", path, count, len(splits[split]["annotations"]))

@@ -26,8 +26,8 @@ import argparse
 import os
 import sys
 
-from _prepare_common import (add_common_arguments, atomic_write_json, karpathy_to_caption_splits,
-                             load_karpathy_json, logger, outputs_complete, setup_logging)
+from _prepare_common import (add_common_arguments, karpathy_to_caption_splits, load_karpathy_json,
+                             outputs_complete, setup_logging, write_caption_splits)
 
 SPLITS = ("train", "val", "test")
 # Number of images of each split of the standard Karpathy COCO file (train includes restval).
@@ -88,16 +88,8 @@ def main(argv=None) -> int:
             raise FileNotFoundError(f"{len(missing)} images of {args.karpathy_json} are missing under "
                                     f"{args.coco_root}, e.g. {missing[:3]}; download COCO 2014 train/val images, "
                                     "use --image-layout 2017, or pass --skip-image-check")
-    for split, path in zip(SPLITS, outputs):
-        count = len(splits[split]["images"])
-        expected = EXPECTED_IMAGES[split] if split != "train" or not args.no_restval else 82783
-        if count != expected:
-            logger.warning("Split %s has %d images; the standard Karpathy split has %d", split, count, expected)
-        if os.path.exists(path) and not args.overwrite:
-            logger.info("%s exists, kept", path)
-            continue
-        atomic_write_json(path, splits[split])
-        logger.info("Wrote %s: %d images, %d captions", path, count, len(splits[split]["annotations"]))
+    expected = dict(EXPECTED_IMAGES, train=82783) if args.no_restval else EXPECTED_IMAGES
+    write_caption_splits(splits, dict(zip(SPLITS, outputs)), expected, args.overwrite)
     return 0
 
 

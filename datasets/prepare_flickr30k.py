@@ -23,8 +23,8 @@ import argparse
 import os
 import sys
 
-from _prepare_common import (add_common_arguments, atomic_write_json, karpathy_to_caption_splits,
-                             load_karpathy_json, logger, outputs_complete, setup_logging)
+from _prepare_common import (add_common_arguments, karpathy_to_caption_splits, write_caption_splits,
+                             load_karpathy_json, outputs_complete, setup_logging)
 
 EXPECTED_IMAGES = {"train": 29000, "val": 1014, "test": 1000}
 
@@ -70,16 +70,7 @@ def main(argv=None) -> int:
         if missing:
             raise FileNotFoundError(f"{len(missing)} images of {args.karpathy_json} are missing under {image_dir}, "
                                     f"e.g. {missing[:3]}; extract flickr30k-images there or pass --skip-image-check")
-    for split, path in zip(args.splits, outputs):
-        count = len(splits[split]["images"])
-        if count != EXPECTED_IMAGES[split]:
-            logger.warning("Split %s has %d images; the standard Karpathy split has %d", split, count,
-                           EXPECTED_IMAGES[split])
-        if os.path.exists(path) and not args.overwrite:
-            logger.info("%s exists, kept", path)
-            continue
-        atomic_write_json(path, splits[split])
-        logger.info("Wrote %s: %d images, %d captions", path, count, len(splits[split]["annotations"]))
+    write_caption_splits(splits, dict(zip(args.splits, outputs)), EXPECTED_IMAGES, args.overwrite)
     return 0
 
 
