@@ -39,8 +39,8 @@ SCRIPT = textwrap.dedent("""
         gathers = []
         gather = retrieval.all_gather_with_grad
 
-        def recording_gather(tensor):
-            out = gather(tensor)
+        def recording_gather(tensor, *args, **kwargs):
+            out = gather(tensor, *args, **kwargs)
             gathers.append([tensor.shape[0], out.shape[0]])
             return out
 

@@ -6,12 +6,12 @@ works with gloo and NCCL: forward gathers (padding to the largest size), backwar
 the gathered tensor over ranks (``all_reduce``) and returns this rank's slice. With DDP (which averages
 parameter gradients over ranks) the resulting gradient is that of the mean of the per-rank losses.
 """
-from typing import List
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_gather_with_grad", "world_info"]
+__all__ = ["all_gather_with_grad", "gather_sizes", "world_info"]
 
 
 def world_info():
@@ -21,8 +21,11 @@ def world_info():
     return 1, 0
 
 
-def _gather_sizes(size: int, device) -> List[int]:
+def gather_sizes(size: int, device) -> List[int]:
+    """First-dim size of every rank's tensor (one small all_gather); ``[size]`` without a process group."""
     world, _ = world_info()
+    if world == 1:
+        return [size]
     local = torch.tensor([size], dtype=torch.long, device=device)
     sizes = [torch.zeros_like(local) for _ in range(world)]
     dist.all_gather(sizes, local)
@@ -31,9 +34,10 @@ def _gather_sizes(size: int, device) -> List[int]:
 
 class _AllGather(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, tensor):
+    def forward(ctx, tensor, sizes):
         world, rank = world_info()
-        sizes = _gather_sizes(tensor.shape[0], tensor.device)
+        if sizes is None:
+            sizes = gather_sizes(tensor.shape[0], tensor.device)
         longest = max(sizes)
         padded = tensor.new_zeros((longest,) + tuple(tensor.shape[1:]))
         padded[:tensor.shape[0]] = tensor
@@ -47,15 +51,16 @@ class _AllGather(torch.autograd.Function):
         grad = grad.contiguous().clone()
         dist.all_reduce(grad)
         start = sum(ctx.sizes[:ctx.rank])
-        return grad[start:start + ctx.sizes[ctx.rank]]
+        return grad[start:start + ctx.sizes[ctx.rank]], None
 
 
-def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+def all_gather_with_grad(tensor: torch.Tensor, sizes: Optional[List[int]] = None) -> torch.Tensor:
     """Concatenation over ranks (rank order) of ``tensor`` (N_r, ...) -> (sum_r N_r, ...), differentiable.
 
+    ``sizes``: every rank's N_r when already known (:func:`gather_sizes`), saving that exchange.
     Without an initialised process group (or with one process) it returns ``tensor`` itself.
     """
     world, _ = world_info()
     if world == 1:
         return tensor
-    return _AllGather.apply(tensor)
+    return _AllGather.apply(tensor, sizes)

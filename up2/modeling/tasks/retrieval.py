@@ -10,7 +10,7 @@ from detectron2.config import configurable
 
 from up2.modeling.build import TASK_REGISTRY
 from up2.modeling.decoder.unified_decoder import text_segment
-from up2.modeling.distributed import all_gather_with_grad, world_info
+from up2.modeling.distributed import all_gather_with_grad, gather_sizes, world_info
 from up2.modeling.moe import SIDE_TARGET
 from up2.modeling.tasks.base import TaskHead
 from up2.modeling.tasks.classification import encode_image_spe
@@ -41,25 +41,15 @@ def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, scale: tor
     all_images, all_texts = image_emb, text_emb
     world, rank = world_info()
     if gather and world > 1:
-        all_images, all_texts = all_gather_with_grad(image_emb), all_gather_with_grad(text_emb)
-        offset = _rank_offset(image_emb.shape[0], all_images.shape[0], rank, world)
+        sizes = gather_sizes(image_emb.shape[0], image_emb.device)  # one exchange serves both gathers
+        all_images, all_texts = all_gather_with_grad(image_emb, sizes), all_gather_with_grad(text_emb, sizes)
+        offset = sum(sizes[:rank])
     labels = torch.arange(image_emb.shape[0], device=image_emb.device) + offset
     dtype = torch.promote_types(image_emb.dtype, torch.float32)  # at least fp32 logits
     i2t = scale * image_emb.to(dtype) @ all_texts.to(dtype).T
     t2i = scale * text_emb.to(dtype) @ all_images.to(dtype).T
     return 0.5 * (F.cross_entropy(i2t, labels, label_smoothing=label_smoothing)
                   + F.cross_entropy(t2i, labels, label_smoothing=label_smoothing))
-
-
-def _rank_offset(local: int, total: int, rank: int, world: int) -> int:
-    """Row of this rank's first pair in the gathered batch (ranks may hold different batch sizes)."""
-    import torch.distributed as dist
-
-    sizes = [None] * world
-    dist.all_gather_object(sizes, local)
-    if sum(sizes) != total:
-        raise RuntimeError(f"retrieval gather: local sizes {sizes} do not add up to {total}")
-    return sum(sizes[:rank])
 
 
 @TASK_REGISTRY.register()
