@@ -3,8 +3,8 @@
     python tools/single_task_training.py --config-file configs/shapes/up2_multitask_R18.yaml \
         --tasks detection classification retrieval captioning mlm --iters 300
 
-For every task: a fresh model (seeded), that task's loader and optimizer (up2's, MT-AdamW with s_k = 1),
-``--iters`` steps; the printed reduction compares the mean total loss of the first ``--window`` steps
+For every task: a fresh model (seeded), that task's loader, optimizer (up2's, MT-AdamW with s_k = 1) and
+LR schedule (the config's warm-up and steps), ``--iters`` steps; the printed reduction compares the mean total loss of the first ``--window`` steps
 with that of the last ``--window`` steps. Prints one JSON line per task.
 """
 import argparse
@@ -20,6 +20,7 @@ import up2.data  # noqa: F401
 import up2.modeling  # noqa: F401
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
+from detectron2.solver import build_lr_scheduler
 
 from up2.config import add_up2_config, get_task_entries
 from up2.data.build import build_task_train_loader
@@ -37,6 +38,7 @@ def train_one_task(cfg, task_name: str, iters: int, window: int = 10, seed: int 
     model = build_model(cfg)
     model.train()
     optimizer = build_optimizer(cfg, model)
+    scheduler = build_lr_scheduler(cfg, optimizer)
     if hasattr(optimizer, "set_task"):
         optimizer.set_task(sampling_ratio=1.0, loss_weight=1.0)
     loader = iter(build_task_train_loader(cfg, entries[task_name]))
@@ -47,7 +49,8 @@ def train_one_task(cfg, task_name: str, iters: int, window: int = 10, seed: int 
         optimizer.zero_grad()
         total.backward()
         optimizer.step()
-        history.append(float(total))
+        scheduler.step()
+        history.append(float(total.detach()))
     first, last = sum(history[:window]) / window, sum(history[-window:]) / window
     return {"task": task_name, "first": round(first, 4), "last": round(last, 4),
             "reduction": round(1.0 - last / first, 4),

@@ -224,6 +224,11 @@ def _add_datasets_config(cfg):
     # Training random-resized-crop area fraction [min, max] of captioning and retrieval images
     # (a milder crop keeps what the caption describes).
     cfg.DATASETS.UP2.IMAGE_TEXT_CROP_SCALE = [0.5, 1.0]
+    # Training horizontal flip (p = 0.5) of classification images.
+    cfg.DATASETS.UP2.CLASSIFICATION_RANDOM_FLIP = True
+    # Training horizontal flip of captioning / retrieval images: off, since a flipped image contradicts
+    # captions that say "left of" / "right of".
+    cfg.DATASETS.UP2.IMAGE_TEXT_RANDOM_FLIP = False
     # Per-GPU batch size of the test loaders of non-detection tasks (detection always uses 1).
     cfg.DATASETS.UP2.TEST_BATCH_SIZE = 16
 

@@ -48,24 +48,33 @@ def test_classification_train_output_and_reproducible_crop(tmp_path):
     assert not torch.equal(outs[0]["image"], outs[2]["image"])
 
 
-def test_classification_flip_is_the_only_randomness_of_a_full_crop(tmp_path):
+@pytest.mark.parametrize("mapper_cls,flip_key,flip,expect_flips", [
+    (ClassificationMapper, "CLASSIFICATION_RANDOM_FLIP", None, {True, False}),  # default: flips
+    (ClassificationMapper, "CLASSIFICATION_RANDOM_FLIP", False, {False}),
+    (CaptioningMapper, "IMAGE_TEXT_RANDOM_FLIP", None, {False}),  # default: captions say left/right
+    (RetrievalMapper, "IMAGE_TEXT_RANDOM_FLIP", True, {True, False}),
+])
+def test_flip_is_the_only_randomness_of_a_full_crop(tmp_path, mapper_cls, flip_key, flip, expect_flips):
     pixels = write_image(str(tmp_path / "sq.png"), h=32, w=32)
     cfg = make_cfg()
     cfg.DATASETS.UP2.CLASSIFICATION_CROP_SCALE = [1.0, 1.0]  # whole square image, no resize
-    mapper = ClassificationMapper(cfg, is_train=True)
+    cfg.DATASETS.UP2.IMAGE_TEXT_CROP_SCALE = [1.0, 1.0]
+    if flip is not None:
+        cfg.DATASETS.UP2[flip_key] = flip
+    mapper = mapper_cls(cfg, is_train=True)
+    record = {"file_name": str(tmp_path / "sq.png"), "image_id": 0, "label": 0, "captions": ["a b"]}
     plain = torch.as_tensor(pixels.transpose(2, 0, 1).copy())
     mirrored = torch.flip(plain, dims=[2])
     seen = set()
     for seed in range(20):
         np.random.seed(seed)
-        image = mapper({"file_name": str(tmp_path / "sq.png"), "image_id": 0, "label": 0})["image"]
+        image = mapper(dict(record))["image"]
         flipped = torch.equal(image, mirrored)
         assert flipped or torch.equal(image, plain)
         np.random.seed(seed)
-        again = mapper({"file_name": str(tmp_path / "sq.png"), "image_id": 0, "label": 0})["image"]
-        assert torch.equal(image, again)
+        assert torch.equal(image, mapper(dict(record))["image"])
         seen.add(flipped)
-    assert seen == {True, False}
+    assert seen == expect_flips
 
 
 def test_classification_test_resizes_shorter_side_then_centre_crops(tmp_path):

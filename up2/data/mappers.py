@@ -10,7 +10,9 @@ so randomness comes from numpy's global RNG, which Detectron2 reseeds in every D
 
 * classification, captioning, retrieval: training takes a random resized crop (area fraction in
   ``DATASETS.UP2.CLASSIFICATION_CROP_SCALE`` / ``IMAGE_TEXT_CROP_SCALE``, aspect ratio in [3/4, 4/3])
-  resized to ``IMAGE_SIZE`` x ``IMAGE_SIZE``, then a horizontal flip with probability 0.5; test
+  resized to ``IMAGE_SIZE`` x ``IMAGE_SIZE``, then a horizontal flip with probability 0.5 where
+  ``CLASSIFICATION_RANDOM_FLIP`` / ``IMAGE_TEXT_RANDOM_FLIP`` allow it (off for image-text by default:
+  a flip contradicts captions that say "left of" / "right of"); test
   resizes the shorter side to ``IMAGE_SIZE / crop_ratio`` (0.875 for classification, 1 for image-text)
   and takes the centre square.
 * detection: shorter side drawn from ``INPUT.MIN_SIZE_TRAIN`` (``MIN_SIZE_TRAIN_SAMPLING``) with the
@@ -103,9 +105,11 @@ class CenterCrop(T.Augmentation):
         return T.CropTransform((w - cw) // 2, (h - ch) // 2, cw, ch)
 
 
-def _square_image_augmentations(image_size: int, is_train: bool, crop_scale, test_crop_ratio: float):
+def _square_image_augmentations(image_size: int, is_train: bool, crop_scale, test_crop_ratio: float,
+                                flip: bool = True):
     if is_train:
-        return [RandomResizedCrop(image_size, scale=tuple(crop_scale)), T.RandomFlip(horizontal=True)]
+        augmentations = [RandomResizedCrop(image_size, scale=tuple(crop_scale))]
+        return augmentations + [T.RandomFlip(horizontal=True)] if flip else augmentations
     short = int(round(image_size / test_crop_ratio))
     return [T.ResizeShortestEdge(short, max_size=10 ** 9, sample_style="choice", interp=Image.BICUBIC),
             CenterCrop(image_size)]
@@ -132,6 +136,7 @@ class _SquareImageMapper:
                     augmentations)
 
     _crop_scale_key = "CLASSIFICATION_CROP_SCALE"
+    _flip_key = "CLASSIFICATION_RANDOM_FLIP"
     _test_crop_ratio = 0.875
 
     @classmethod
@@ -142,7 +147,8 @@ class _SquareImageMapper:
             raise ValueError(f"DATASETS.UP2.{cls._crop_scale_key} must be [min, max] with 0 < min <= max <= 1, "
                              f"got {list(scale)}")
         return {"is_train": is_train, "image_format": cfg.INPUT.FORMAT,
-                "augmentations": _square_image_augmentations(size, is_train, scale, cls._test_crop_ratio)}
+                "augmentations": _square_image_augmentations(size, is_train, scale, cls._test_crop_ratio,
+                                                             bool(cfg.DATASETS.UP2.get(cls._flip_key)))}
 
     def _load_image(self, dataset_dict: dict) -> dict:
         # An encoded image held in memory ("image_bytes", named by "source": tar shards, see
@@ -185,6 +191,7 @@ class CaptioningMapper(_SquareImageMapper):
 
     task = "captioning"
     _crop_scale_key = "IMAGE_TEXT_CROP_SCALE"
+    _flip_key = "IMAGE_TEXT_RANDOM_FLIP"
     _test_crop_ratio = 1.0
 
     def __call__(self, dataset_dict: dict) -> dict:
