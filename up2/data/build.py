@@ -11,7 +11,7 @@ streamed instead (:mod:`up2.data.streams`), with the same weighting of its datas
 """
 import logging
 import zlib
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch.utils.data as torchdata
 from detectron2.data import (DatasetCatalog, DatasetFromList, MapDataset, build_detection_test_loader,
@@ -26,7 +26,7 @@ from up2.data.samplers import WeightedDatasetSampler, dataset_sampling_weights
 from up2.data.streams import build_streaming_test_loader, build_streaming_train_loader, is_streaming_dataset
 
 __all__ = ["build_task_train_loader", "build_task_test_loader", "build_task_train_loaders",
-           "load_task_dataset_dicts", "mixed_batch_sizes", "task_loader_seed", "MultiTaskDataLoader"]
+           "load_task_dataset_dicts", "mixed_batch_sizes", "sampled_task_batch_sizes", "task_loader_seed", "MultiTaskDataLoader"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +83,11 @@ def _train_sampler(cfg, entry: TaskEntry, dicts: List[dict], sizes: List[int], s
                      "use TrainingSampler or RepeatFactorTrainingSampler")
 
 
+def log_task_loader(cfg, entry: TaskEntry, num_items: int, batch_size: int):
+    logger.info("Task '%s' (%s): %d training items from %s, %d per GPU, %d workers", entry.name, entry.type,
+                num_items, list(entry.train_datasets), batch_size, cfg.DATALOADER.NUM_WORKERS)
+
+
 def build_task_train_loader(cfg, entry: TaskEntry, batch_size: Optional[int] = None, mapper=None,
                             seed: Optional[int] = None):
     """Infinite training loader of one task.
@@ -108,8 +113,7 @@ def build_task_train_loader(cfg, entry: TaskEntry, batch_size: Optional[int] = N
     seed = task_loader_seed(cfg, entry.name) if seed is None else seed
     sampler = _train_sampler(cfg, entry, dicts, sizes, seed)
     mapper = build_mapper(cfg, entry.type, is_train=True) if mapper is None else mapper
-    logger.info("Task '%s' (%s): %d training items from %s, %d per GPU, %d workers", entry.name, entry.type,
-                len(dicts), list(entry.train_datasets), batch_size, cfg.DATALOADER.NUM_WORKERS)
+    log_task_loader(cfg, entry, len(dicts), batch_size)
     return build_detection_train_loader(
         dicts, mapper=mapper, sampler=sampler, total_batch_size=batch_size * comm.get_world_size(),
         aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING and entry.type == "detection",
@@ -146,17 +150,22 @@ def mixed_batch_sizes(entries: Sequence[TaskEntry]) -> Dict[str, int]:
     return {e.name: max(1, int(round(e.sampling_ratio * e.batch_size))) for e in entries if e.sampling_ratio > 0}
 
 
-def build_task_train_loaders(cfg) -> Dict[str, Iterable]:
-    """``{task_name: train loader}`` for every entry of ``DATASETS.UP2.TASKS`` (with the mixed-mode
-    batch sizes of :func:`mixed_batch_sizes` when ``SOLVER.UP2.SAMPLING == "mixed"``). Tasks with
-    ``SAMPLING_RATIO`` 0 are never sampled and get no loader."""
+def sampled_task_batch_sizes(cfg) -> List[Tuple[TaskEntry, int]]:
+    """``(entry, per-GPU batch size)`` of every entry of ``DATASETS.UP2.TASKS`` that is ever sampled
+    (``SAMPLING_RATIO > 0``): ``BATCH_SIZE``, or the batch sizes of :func:`mixed_batch_sizes` when
+    ``SOLVER.UP2.SAMPLING == "mixed"``."""
     entries = get_task_entries(cfg)
     mode = cfg.SOLVER.UP2.SAMPLING
     if mode not in ("unmixed", "mixed"):
         raise ValueError(f"SOLVER.UP2.SAMPLING must be 'unmixed' or 'mixed', got {mode!r}")
     sizes = mixed_batch_sizes(entries) if mode == "mixed" else {e.name: e.batch_size for e in entries}
-    return {e.name: build_task_train_loader(cfg, e, batch_size=sizes[e.name])
-            for e in entries if e.sampling_ratio > 0}
+    return [(e, sizes[e.name]) for e in entries if e.sampling_ratio > 0]
+
+
+def build_task_train_loaders(cfg) -> Dict[str, Iterable]:
+    """``{task_name: train loader}`` for every task of :func:`sampled_task_batch_sizes` (tasks with
+    ``SAMPLING_RATIO`` 0 are never sampled and get no loader)."""
+    return {e.name: build_task_train_loader(cfg, e, batch_size=size) for e, size in sampled_task_batch_sizes(cfg)}
 
 
 class MultiTaskDataLoader:

@@ -229,7 +229,7 @@ def _loader_seed(cfg, entry: TaskEntry) -> int:
 
 
 def _build_task_loader(cfg, entry: TaskEntry, batch_size: int) -> ResumableTaskLoader:
-    from up2.data.build import _train_sampler, build_task_train_loader, load_task_dataset_dicts
+    from up2.data.build import _train_sampler, build_task_train_loader, load_task_dataset_dicts, log_task_loader
     from up2.data.mappers import build_mapper
     from up2.data.streams import is_streaming_dataset
 
@@ -249,8 +249,7 @@ def _build_task_loader(cfg, entry: TaskEntry, batch_size: int) -> ResumableTaskL
     if entry.type == "detection" and cfg.DATALOADER.ASPECT_RATIO_GROUPING:
         # Detectron2 groups mapped images by orientation; the original sizes give it before mapping
         group_ids = [0 if d.get("width", 0) > d.get("height", 0) else 1 for d in dicts]
-    logger.info("Task '%s' (%s): %d training items from %s, %d per GPU, %d workers", entry.name, entry.type,
-                len(dicts), list(entry.train_datasets), batch_size, cfg.DATALOADER.NUM_WORKERS)
+    log_task_loader(cfg, entry, len(dicts), batch_size)
     make_batches = build_map_style_batches(
         dicts, build_mapper(cfg, entry.type, is_train=True),
         lambda sampler_seed: _train_sampler(cfg, entry, dicts, sizes, sampler_seed), batch_size,
@@ -262,12 +261,6 @@ def build_resumable_task_loaders(cfg) -> Dict[str, ResumableTaskLoader]:
     """``{task_name: ResumableTaskLoader}`` for every entry of ``DATASETS.UP2.TASKS`` with
     ``SAMPLING_RATIO > 0``: the loaders of :func:`up2.data.build.build_task_train_loaders` (same
     samplers, mappers, batch sizes, mixed-mode batch sizes), made resumable (see the module doc)."""
-    from up2.config import get_task_entries
-    from up2.data.build import mixed_batch_sizes
+    from up2.data.build import sampled_task_batch_sizes
 
-    entries = get_task_entries(cfg)
-    mode = cfg.SOLVER.UP2.SAMPLING
-    if mode not in ("unmixed", "mixed"):
-        raise ValueError(f"SOLVER.UP2.SAMPLING must be 'unmixed' or 'mixed', got {mode!r}")
-    sizes = mixed_batch_sizes(entries) if mode == "mixed" else {e.name: e.batch_size for e in entries}
-    return {e.name: _build_task_loader(cfg, e, sizes[e.name]) for e in entries if e.sampling_ratio > 0}
+    return {e.name: _build_task_loader(cfg, e, size) for e, size in sampled_task_batch_sizes(cfg)}
