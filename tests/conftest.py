@@ -61,11 +61,10 @@ def tiny_text_dirs(tmp_path_factory):
     return str(tokenizer_dir), str(config_dir)
 
 
-def make_tiny_up2_cfg(tokenizer_dir: str, text_encoder_dir: str, pretrained: bool = False):
-    """A UniPerceiverV2 config small enough for unit tests on CPU."""
+def make_tiny_image_encoder_cfg(image_tokens: str = "both"):
+    """Config of a tiny image encoder (ResNet-18 GN + 32-d proposer, 6 regional tokens) for CPU tests."""
     cfg = get_cfg()
     add_up2_config(cfg)
-    cfg.MODEL.META_ARCHITECTURE = "UniPerceiverV2"
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.BACKBONE.NAME = "build_resnet_backbone"
     cfg.MODEL.BACKBONE.FREEZE_AT = 0
@@ -73,12 +72,20 @@ def make_tiny_up2_cfg(tokenizer_dir: str, text_encoder_dir: str, pretrained: boo
     cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
     cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
     cfg.MODEL.RESNETS.NORM = "GN"
+    cfg.MODEL.UP2.IMAGE_TOKENS = image_tokens
     cfg.MODEL.UP2.MSDA_IMPL = "pytorch"
     p = cfg.MODEL.UP2.PROPOSER
     p.HIDDEN_DIM, p.ENC_LAYERS, p.DEC_LAYERS, p.DIM_FEEDFORWARD, p.NHEADS = 32, 1, 1, 64, 4
     p.NUM_QUERIES, p.TOPK_QUERIES, p.MASK_DIM, p.FUSION_MASK_POOL_SIZE, p.DN_NUM_QUERIES = 12, 6, 16, 7, 4
     cfg.MODEL.UP2.LOSS.NUM_POINTS = 64
     cfg.MODEL.UP2.GLOBAL_POOL.NUM_QUERIES, cfg.MODEL.UP2.GLOBAL_POOL.NUM_HEADS = 3, 4
+    return cfg
+
+
+def make_tiny_up2_cfg(tokenizer_dir: str, text_encoder_dir: str, pretrained: bool = False):
+    """A UniPerceiverV2 config small enough for unit tests on CPU."""
+    cfg = make_tiny_image_encoder_cfg()
+    cfg.MODEL.META_ARCHITECTURE = "UniPerceiverV2"
     text = cfg.MODEL.UP2.TEXT_ENCODER
     text.NAME, text.TOKENIZER, text.PRETRAINED, text.MAX_LENGTH = text_encoder_dir, tokenizer_dir, pretrained, 24
     dec = cfg.MODEL.UP2.DECODER
@@ -93,6 +100,12 @@ def make_tiny_up2_cfg(tokenizer_dir: str, text_encoder_dir: str, pretrained: boo
 @pytest.fixture
 def tiny_up2_cfg(tiny_text_dirs):
     return make_tiny_up2_cfg(*tiny_text_dirs)
+
+
+@pytest.fixture(scope="session")
+def image_encoder_cfg_factory():
+    """make_tiny_image_encoder_cfg(image_tokens) (tiny backbone + proposer + global pooling)."""
+    return make_tiny_image_encoder_cfg
 
 
 @pytest.fixture(scope="session")

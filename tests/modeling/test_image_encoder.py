@@ -1,29 +1,8 @@
 """Image encoder: global + regional tokens, the IMAGE_TOKENS switch (paper Table 2), gradients."""
 import pytest
 import torch
-from detectron2.config import get_cfg
 
-from up2.config import add_up2_config
 from up2.modeling.image_encoder import ImageEncoder
-
-
-def tiny_cfg(image_tokens):
-    cfg = get_cfg()
-    add_up2_config(cfg)
-    cfg.MODEL.BACKBONE.NAME = "build_resnet_backbone"
-    cfg.MODEL.RESNETS.DEPTH = 18
-    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
-    cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
-    cfg.MODEL.RESNETS.NORM = "GN"
-    cfg.MODEL.BACKBONE.FREEZE_AT = 0
-    cfg.MODEL.UP2.IMAGE_TOKENS = image_tokens
-    cfg.MODEL.UP2.MSDA_IMPL = "pytorch"
-    p = cfg.MODEL.UP2.PROPOSER
-    p.HIDDEN_DIM, p.ENC_LAYERS, p.DEC_LAYERS, p.DIM_FEEDFORWARD, p.NHEADS = 32, 1, 1, 64, 4
-    p.NUM_QUERIES, p.TOPK_QUERIES, p.MASK_DIM, p.FUSION_MASK_POOL_SIZE, p.DN_NUM_QUERIES = 12, 6, 16, 7, 4
-    cfg.MODEL.UP2.LOSS.NUM_POINTS = 64
-    cfg.MODEL.UP2.GLOBAL_POOL.NUM_QUERIES, cfg.MODEL.UP2.GLOBAL_POOL.NUM_HEADS = 3, 4
-    return cfg
 
 
 def inputs():
@@ -38,9 +17,9 @@ def inputs():
 
 
 @pytest.mark.parametrize("mode", ["both", "global", "regional"])
-def test_tokens_per_mode_and_every_parameter_gets_a_gradient(mode):
+def test_tokens_per_mode_and_every_parameter_gets_a_gradient(mode, image_encoder_cfg_factory):
     torch.manual_seed(0)
-    encoder = ImageEncoder(tiny_cfg(mode)).train()
+    encoder = ImageEncoder(image_encoder_cfg_factory(mode)).train()
     images, padding, targets = inputs()
     out = encoder(images, padding, targets)
     num_global = 3 + 2 * 3  # M' pooled + flattened stride-32 level (64/32 x 96/32)
@@ -61,6 +40,6 @@ def test_tokens_per_mode_and_every_parameter_gets_a_gradient(mode):
     assert missing == []
 
 
-def test_unknown_mode_lists_choices():
+def test_unknown_mode_lists_choices(image_encoder_cfg_factory):
     with pytest.raises(ValueError, match="'global', 'regional'"):
-        ImageEncoder(tiny_cfg("tokens"))
+        ImageEncoder(image_encoder_cfg_factory("tokens"))
