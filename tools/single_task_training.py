@@ -4,8 +4,9 @@
         --tasks detection classification retrieval captioning mlm --iters 300
 
 For every task: a fresh model (seeded), that task's loader, optimizer (up2's, MT-AdamW with s_k = 1) and
-LR schedule (the config's warm-up and steps), ``--iters`` steps; the printed reduction compares the mean total loss of the first ``--window`` steps
-with that of the last ``--window`` steps. Prints one JSON line per task.
+LR schedule (the config's warm-up and steps), ``--iters`` steps. Prints one JSON line per task: ``initial`` (the untrained model's loss, step 1),
+``first`` / ``last`` (mean total loss of the first / last ``--window`` steps), ``reduction`` = 1 - last /
+first and ``reduction_from_initial`` = 1 - last / initial.
 """
 import argparse
 import json
@@ -30,7 +31,8 @@ logger = logging.getLogger("up2.single_task_training")
 
 
 def train_one_task(cfg, task_name: str, iters: int, window: int = 10, seed: int = 0) -> dict:
-    """Returns ``{"task", "first", "last", "reduction", "seconds_per_iter"}`` (reduction = 1 - last / first)."""
+    """Returns ``{"task", "initial", "first", "last", "reduction", "reduction_from_initial",
+    "seconds_per_iter"}`` (see the module doc)."""
     entries = {e.name: e for e in get_task_entries(cfg)}
     if task_name not in entries:
         raise KeyError(f"Task {task_name!r} is not in DATASETS.UP2.TASKS ({sorted(entries)})")
@@ -52,8 +54,8 @@ def train_one_task(cfg, task_name: str, iters: int, window: int = 10, seed: int 
         scheduler.step()
         history.append(float(total.detach()))
     first, last = sum(history[:window]) / window, sum(history[-window:]) / window
-    return {"task": task_name, "first": round(first, 4), "last": round(last, 4),
-            "reduction": round(1.0 - last / first, 4),
+    return {"task": task_name, "initial": round(history[0], 4), "first": round(first, 4), "last": round(last, 4),
+            "reduction": round(1.0 - last / first, 4), "reduction_from_initial": round(1.0 - last / history[0], 4),
             "seconds_per_iter": round((time.perf_counter() - start) / iters, 3)}
 
 

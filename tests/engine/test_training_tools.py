@@ -1,0 +1,59 @@
+"""tools/single_task_training.py and tools/reference_classifier.py on the tiny shapes dataset: the
+reported numbers are the losses the runs produced, and bad task names are named."""
+import importlib.util
+import math
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def load_tool(name):
+    spec = importlib.util.spec_from_file_location(f"up2_tool_{name}", os.path.join(ROOT, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_single_task_training_reports_its_own_losses(tiny_multitask_cfg, tmp_path, monkeypatch):
+    tool = load_tool("single_task_training")
+    cfg = tiny_multitask_cfg(tmp_path, tasks=("classification", "mlm"), max_iter=8)
+    recorded = []
+    real_step = tool.build_lr_scheduler
+
+    def scheduler_spy(cfg_, optimizer):
+        scheduler = real_step(cfg_, optimizer)
+        original = scheduler.step
+
+        def step(*args, **kwargs):
+            original(*args, **kwargs)
+            recorded.append(optimizer.param_groups[0]["lr"])
+        scheduler.step = step
+        return scheduler
+
+    monkeypatch.setattr(tool, "build_lr_scheduler", scheduler_spy)
+    result = tool.train_one_task(cfg, "mlm", iters=4, window=2)
+    assert set(result) == {"task", "initial", "first", "last", "reduction", "reduction_from_initial",
+                           "seconds_per_iter"}
+    assert result["task"] == "mlm" and all(math.isfinite(result[k]) for k in ("initial", "first", "last"))
+    assert result["reduction"] == pytest.approx(1 - result["last"] / result["first"], abs=2e-4)
+    assert result["reduction_from_initial"] == pytest.approx(1 - result["last"] / result["initial"], abs=2e-4)
+    # the config's warm-up is followed: the learning rate rises over the 4 steps (WARMUP_ITERS = 5)
+    assert len(recorded) == 4 and recorded == sorted(recorded) and recorded[0] < recorded[-1]
+    with pytest.raises(KeyError, match="captioning"):
+        tool.train_one_task(cfg, "captioning", iters=1)
+
+
+def test_reference_classifier_trains_and_scores_the_test_split(tiny_multitask_cfg, tmp_path, engine_shapes):
+    tool = load_tool("reference_classifier")
+    cfg = tiny_multitask_cfg(tmp_path, tasks=("classification",))
+    cfg.DATASETS.UP2.TASKS[0]["TEST_DATASETS"] = [f"{engine_shapes[1]}_cls_val"]
+    for net in ("small_bn", "backbone"):
+        result = tool.run(cfg, net, iters=2, lr=1e-3, window=1)
+        assert result["net"] == net and result["test_images"] == 10
+        assert 0.0 <= result["test_top1"] <= 100.0 and result["test_top1"] * 10 % 100 == 0  # k of 10 images
+    with pytest.raises(KeyError, match="nope"):
+        tool.run(cfg, "small_bn", iters=1, lr=1e-3, task_name="nope")
+    with pytest.raises(ValueError, match="--net"):
+        tool.run(cfg, "vit", iters=1, lr=1e-3)
