@@ -13,14 +13,13 @@ import logging
 
 import up2  # noqa: F401  (applies Detectron2 compatibility fixes; must precede detectron2 imports)
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 import up2.data  # noqa: F401  (registers the built-in datasets)
 import up2.modeling  # noqa: F401  (registers up2's meta-architectures, backbones and parts)
-from up2.config import add_up2_config, get_task_entries
+from up2.config import load_config, get_task_entries
 from up2.engine import UP2Trainer, launch, write_eval_results
 
 logger = logging.getLogger("up2")
@@ -28,10 +27,7 @@ logger = logging.getLogger("up2")
 
 def setup(args):
     """Builds the config from the file and the trailing KEY VALUE options; Detectron2's set-up."""
-    cfg = get_cfg()
-    add_up2_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_config(args.config_file, args.opts)
     cfg.freeze()
     get_task_entries(cfg, require_train=not args.eval_only)  # fail early on a bad task list
     default_setup(cfg, args)  # output dir, config.yaml, logs, environment info, seed

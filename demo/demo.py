@@ -25,12 +25,11 @@ from typing import List, Optional, Sequence
 
 import up2  # noqa: F401  (applies the Detectron2 compatibility fixes; must precede detectron2 imports)
 import numpy as np
-from detectron2.config import get_cfg
 from detectron2.data.catalog import Metadata
 from detectron2.utils.visualizer import Visualizer
 from PIL import Image
 
-from up2.config import add_up2_config
+from up2.config import load_config
 from up2.data.mappers import ImageReadError, read_image  # Detectron2's read_image, naming the file on error
 from up2.engine import UP2Predictor
 from up2.engine.predictor import IMAGE_TASKS, VOCABULARY_TASKS
@@ -89,10 +88,7 @@ def check_args(args, parser: argparse.ArgumentParser) -> Optional[List[str]]:
 
 
 def setup_cfg(args):
-    cfg = get_cfg()
-    add_up2_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_config(args.config_file, args.opts)
     cfg.freeze()
     return cfg
 

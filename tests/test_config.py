@@ -6,7 +6,7 @@ import os
 import pytest
 from detectron2.config import get_cfg
 
-from up2.config import TASK_TYPES, add_up2_config, get_task_entries
+from up2.config import TASK_TYPES, add_up2_config, get_task_entries, load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True))
@@ -69,6 +69,17 @@ def test_key_typo_is_rejected_with_its_name(tmp_path):
         cfg.merge_from_file(str(path))
     with pytest.raises(AssertionError, match="SOLVER.UP2.OPTIMISER"):  # yacs raises AssertionError here
         cfg.merge_from_list(["SOLVER.UP2.OPTIMISER", "AdamW"])
+
+
+def test_load_config_merges_the_file_then_the_options(tmp_path):
+    path = tmp_path / "small.yaml"
+    path.write_text("MODEL:\n  UP2:\n    PROPOSER:\n      NUM_QUERIES: 50\nSOLVER:\n  BASE_LR: 0.5\n")
+    cfg = load_config(str(path), ["SOLVER.BASE_LR", "0.25"])
+    assert cfg.MODEL.UP2.PROPOSER.NUM_QUERIES == 50 and cfg.SOLVER.BASE_LR == 0.25
+    assert cfg.MODEL.UP2.MSDA_IMPL == make_cfg().MODEL.UP2.MSDA_IMPL  # up2 defaults present
+    assert not cfg.is_frozen()
+    with pytest.raises(AssertionError, match="SOLVER.UP2.OPTIMISER"):
+        load_config(str(path), ["SOLVER.UP2.OPTIMISER", "AdamW"])
 
 
 def task(**overrides):

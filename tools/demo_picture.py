@@ -20,13 +20,12 @@ from typing import List, Optional, Sequence
 import up2  # noqa: F401  (applies the Detectron2 compatibility fixes; must precede detectron2 imports)
 import up2.data  # noqa: F401  (registers the datasets, shapes under $DETECTRON2_DATASETS)
 import numpy as np
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.utils.visualizer import Visualizer
 from PIL import Image, ImageDraw, ImageFont
 
-from up2.config import add_up2_config
+from up2.config import load_config
 from up2.engine import UP2Predictor
 
 logger = logging.getLogger("up2.demo_picture")
@@ -99,10 +98,7 @@ def compose(tiles: List[Image.Image], texts: List[List[str]]) -> Image.Image:
 
 
 def setup_cfg(args):
-    cfg = get_cfg()
-    add_up2_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_config(args.config_file, args.opts)
     cfg.MODEL.WEIGHTS = args.weights
     cfg.freeze()
     return cfg

@@ -24,11 +24,10 @@ from torch.nn import functional as F
 
 import up2  # noqa: F401  (before detectron2)
 import up2.data  # noqa: F401
-from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_backbone
 
-from up2.config import add_up2_config, get_task_entries
+from up2.config import load_config, get_task_entries
 from up2.data.build import build_task_test_loader, build_task_train_loader
 from up2.modeling.preprocessing import batch_images
 
@@ -114,10 +113,7 @@ def main(argv=None):
     parser.add_argument("--task", default="", help="NAME of the classification entry (default: the first)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = parser.parse_args(argv)
-    cfg = get_cfg()
-    add_up2_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_config(args.config_file, args.opts)
     cfg.DATALOADER.NUM_WORKERS = 0
     result = run(cfg, args.net, args.iters, args.lr, args.task)
     print(json.dumps(result), flush=True)

@@ -19,11 +19,10 @@ import torch
 import up2  # noqa: F401  (before detectron2)
 import up2.data  # noqa: F401
 import up2.modeling  # noqa: F401
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.solver import build_lr_scheduler
 
-from up2.config import add_up2_config, get_task_entries
+from up2.config import load_config, get_task_entries
 from up2.data.build import build_task_train_loader
 from up2.solver import build_optimizer
 
@@ -68,10 +67,7 @@ def main(argv=None):
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    cfg = get_cfg()
-    add_up2_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_config(args.config_file, args.opts)
     cfg.DATALOADER.NUM_WORKERS = 0
     results = []
     for task in args.tasks:

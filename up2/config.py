@@ -12,11 +12,11 @@ validates them and returns :class:`TaskEntry` objects.
 import logging
 import math
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import List, Sequence, Tuple
 
 from detectron2.config import CfgNode as CN
 
-__all__ = ["add_up2_config", "get_task_entries", "TaskEntry", "TASK_TYPES", "TASK_ENTRY_KEYS"]
+__all__ = ["add_up2_config", "load_config", "get_task_entries", "TaskEntry", "TASK_TYPES", "TASK_ENTRY_KEYS"]
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +33,18 @@ def add_up2_config(cfg):
     _add_model_config(cfg)
     _add_datasets_config(cfg)
     _add_solver_config(cfg)
+
+
+def load_config(config_file: str, opts: Sequence[str] = ()):
+    """Detectron2's defaults + up2's keys, then ``config_file`` and the ``KEY VALUE`` list ``opts``
+    (unknown keys are rejected by name). Returns the CfgNode, not frozen."""
+    from detectron2.config import get_cfg
+
+    cfg = get_cfg()
+    add_up2_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    return cfg
 
 
 def _add_model_config(cfg):

@@ -20,12 +20,11 @@ import up2  # noqa: E402,F401  (before detectron2)
 import up2.data  # noqa: E402,F401
 import up2.modeling  # noqa: E402,F401
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
-from detectron2.config import get_cfg  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from open_vocab import NOVEL_CLASSES_DEFAULT, evaluate_novel_classes, register_open_vocab_split  # noqa: E402
 from open_vocab import write_open_vocab_split  # noqa: E402
-from up2.config import add_up2_config  # noqa: E402
+from up2.config import load_config  # noqa: E402
 from up2.data.datasets.builtin import get_datasets_root  # noqa: E402
 from up2.engine import UP2Trainer  # noqa: E402
 
@@ -42,10 +41,7 @@ def main(argv=None):
     parser.add_argument("opts", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
 
-    cfg = get_cfg()
-    add_up2_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_config(args.config_file, args.opts)
     cfg.freeze()
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     setup_logger(output=cfg.OUTPUT_DIR)
