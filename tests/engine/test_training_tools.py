@@ -5,6 +5,7 @@ import math
 import os
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -57,3 +58,29 @@ def test_reference_classifier_trains_and_scores_the_test_split(tiny_multitask_cf
         tool.run(cfg, "small_bn", iters=1, lr=1e-3, task_name="nope")
     with pytest.raises(ValueError, match="--net"):
         tool.run(cfg, "vit", iters=1, lr=1e-3)
+
+
+def test_background_study_keeps_the_shapes_and_replaces_only_the_background():
+    tool = load_tool("shapes_background_study")
+    spec = tool.load_spec()
+    textured, labels = tool.render_split(1, 4, "textured", tool.RENDER_SIZE, spec)
+    gray, gray_labels = tool.render_split(1, 4, "gray", tool.RENDER_SIZE, spec)
+    assert labels.tolist() == gray_labels.tolist() == [0, 1, 2, 3]
+    neutral = (128 / 255.0 - 0.5) / 0.25
+    for index in range(4):
+        sample = tool.render_classification_image(0, 1, index, index, tool.RENDER_SIZE, spec)
+        shapes = torch.from_numpy(sum(instance.mask for instance in sample.instances) > 0)
+        assert torch.equal(gray[index][:, shapes], textured[index][:, shapes])
+        assert torch.allclose(gray[index][:, ~shapes], torch.tensor(neutral), atol=1e-6)
+        assert not torch.allclose(textured[index][:, ~shapes], torch.tensor(neutral), atol=1e-6)
+    with pytest.raises(ValueError, match="'checkered'"):
+        tool.render_split(1, 1, "checkered", 32, spec)
+
+
+def test_background_study_reports_what_it_trained():
+    tool = load_tool("shapes_background_study")
+    spec = tool.load_spec()
+    train, val = tool.render_split(0, 20, "gray", 32, spec), tool.render_split(1, 10, "gray", 32, spec)
+    result = tool.train_and_evaluate(train, val, len(spec["categories"]), seconds=0.5)
+    assert result["iterations"] >= 1
+    assert result["val_top1"] in {10.0 * k for k in range(11)}  # a share of 10 validation images
