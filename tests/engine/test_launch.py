@@ -32,3 +32,22 @@ def test_two_gloo_processes_all_reduce(run_two_ranks):
         assert record["backend"] == "gloo"
         assert record["sum"] == [3.0, 30.0]
     assert records[0]["pid"] != records[1]["pid"]
+
+
+def test_release_drops_every_reference_to_the_process_groups(tmp_path):
+    """Groups that outlive the worker are destroyed at interpreter shutdown, where gloo's threads abort."""
+    import torch.distributed as dist
+    from detectron2.utils import comm
+
+    from up2.engine.launch import _release_process_groups
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        comm._LOCAL_PROCESS_GROUP = dist.new_group([0])
+        assert comm._get_global_gloo_group() is not None  # cached by Detectron2
+        assert comm._get_global_gloo_group.cache_info().currsize == 1
+    finally:
+        _release_process_groups()
+    assert not dist.is_initialized()
+    assert comm._LOCAL_PROCESS_GROUP is None
+    assert comm._get_global_gloo_group.cache_info().currsize == 0
