@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import List, Sequence, Tuple
 
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
 
 __all__ = ["add_up2_config", "load_config", "get_task_entries", "TaskEntry", "TASK_TYPES", "TASK_ENTRY_KEYS"]
 
@@ -38,8 +39,6 @@ def add_up2_config(cfg):
 def load_config(config_file: str, opts: Sequence[str] = ()):
     """Detectron2's defaults + up2's keys, then ``config_file`` and the ``KEY VALUE`` list ``opts``
     (unknown keys are rejected by name). Returns the CfgNode, not frozen."""
-    from detectron2.config import get_cfg
-
     cfg = get_cfg()
     add_up2_config(cfg)
     cfg.merge_from_file(config_file)
