@@ -6,10 +6,13 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import torch
 
 import up2  # noqa: F401  (must precede any detectron2 import)
 from detectron2.config import get_cfg  # noqa: E402
+from detectron2.structures import Boxes, BoxMode, Instances, polygons_to_bitmask  # noqa: E402
 
 from up2.config import add_up2_config  # noqa: E402
 
@@ -112,3 +115,23 @@ def image_encoder_cfg_factory():
 def up2_cfg_factory():
     """The config builder itself (e.g. to use another text encoder)."""
     return make_tiny_up2_cfg
+
+
+def instances_from_ground_truth(record, classes) -> Instances:
+    """Predicted ``Instances`` that are a dataset record's annotated objects: their boxes (XYXY) and polygon
+    masks, score 1, and ``classes[i]`` as the class of annotation i."""
+    height, width, annotations = record["height"], record["width"], record["annotations"]
+    instances = Instances((height, width))
+    boxes = [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in annotations]
+    instances.pred_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
+    instances.scores = torch.ones(len(annotations))
+    instances.pred_classes = torch.tensor(list(classes), dtype=torch.long)
+    masks = [polygons_to_bitmask([np.asarray(p) for p in a["segmentation"]], height, width) for a in annotations]
+    instances.pred_masks = torch.from_numpy(np.stack(masks) if masks else np.zeros((0, height, width), dtype=bool))
+    return instances
+
+
+@pytest.fixture(scope="session")
+def ground_truth_instances():
+    """instances_from_ground_truth(record, classes): a dataset record's objects as predictions."""
+    return instances_from_ground_truth

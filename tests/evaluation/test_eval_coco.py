@@ -5,10 +5,9 @@ import uuid
 
 import numpy as np
 import pytest
-import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
-from detectron2.structures import Boxes, BoxMode, Instances, polygons_to_bitmask
+from detectron2.structures import polygons_to_bitmask
 
 from up2.evaluation import build_coco_evaluator
 
@@ -44,24 +43,18 @@ def coco_dataset(tmp_path_factory):
     MetadataCatalog.remove(name)
 
 
-def _predictions_from_ground_truth(dataset_name, wrong_classes=False):
-    """Model-style (inputs, outputs) whose instances are the ground truth objects, score 1 (classes
-    are contiguous indices, as load_coco_json maps them)."""
-    inputs, outputs = [], []
-    for record in DatasetCatalog.get(dataset_name):
-        h, w = record["height"], record["width"]
-        anns = record["annotations"]
-        instances = Instances((h, w))
-        boxes = [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in anns]
-        instances.pred_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
-        instances.scores = torch.ones(len(anns))
-        classes = [1 - a["category_id"] if wrong_classes else a["category_id"] for a in anns]
-        instances.pred_classes = torch.tensor(classes, dtype=torch.long)
-        instances.pred_masks = torch.from_numpy(np.stack(
-            [polygons_to_bitmask([np.asarray(p) for p in a["segmentation"]], h, w) for a in anns]))
-        inputs.append({"image_id": record["image_id"], "height": h, "width": w})
-        outputs.append({"instances": instances})
-    return inputs, outputs
+@pytest.fixture
+def gt_predictions(ground_truth_instances):
+    """``make(dataset_name, wrong_classes=False)``: model-style (inputs, outputs) whose instances are the
+    ground truth objects, score 1 (classes are contiguous indices, as load_coco_json maps them)."""
+    def make(dataset_name, wrong_classes=False):
+        inputs, outputs = [], []
+        for record in DatasetCatalog.get(dataset_name):
+            classes = [1 - a["category_id"] if wrong_classes else a["category_id"] for a in record["annotations"]]
+            inputs.append({"image_id": record["image_id"], "height": record["height"], "width": record["width"]})
+            outputs.append({"instances": ground_truth_instances(record, classes)})
+        return inputs, outputs
+    return make
 
 
 def _run(evaluator, inputs, outputs):
@@ -71,8 +64,8 @@ def _run(evaluator, inputs, outputs):
     return evaluator.evaluate()
 
 
-def test_ground_truth_predictions_give_ap_100(coco_dataset, tmp_path):
-    inputs, outputs = _predictions_from_ground_truth(coco_dataset)
+def test_ground_truth_predictions_give_ap_100(coco_dataset, tmp_path, gt_predictions):
+    inputs, outputs = gt_predictions(coco_dataset)
     evaluator = build_coco_evaluator(coco_dataset, str(tmp_path))
     assert evaluator._use_fast_impl is False
     results = _run(evaluator, inputs, outputs)
@@ -83,8 +76,8 @@ def test_ground_truth_predictions_give_ap_100(coco_dataset, tmp_path):
     assert (tmp_path / "coco_instances_results.json").exists()
 
 
-def test_wrong_classes_class_aware_vs_agnostic(coco_dataset):
-    inputs, outputs = _predictions_from_ground_truth(coco_dataset, wrong_classes=True)
+def test_wrong_classes_class_aware_vs_agnostic(coco_dataset, gt_predictions):
+    inputs, outputs = gt_predictions(coco_dataset, wrong_classes=True)
     aware = _run(build_coco_evaluator(coco_dataset), inputs, outputs)
     assert aware["bbox"]["AP"] == pytest.approx(0.0)
     agnostic = _run(build_coco_evaluator(coco_dataset, class_agnostic=True), inputs, outputs)
@@ -96,20 +89,20 @@ def test_wrong_classes_class_aware_vs_agnostic(coco_dataset):
     assert MetadataCatalog.get(coco_dataset).thing_classes == ["square", "triangle"]
 
 
-def test_class_agnostic_misses_count(coco_dataset):
+def test_class_agnostic_misses_count(coco_dataset, gt_predictions):
     """Dropping half of the objects of image 12 lowers the class-agnostic recall: it is evaluated."""
-    inputs, outputs = _predictions_from_ground_truth(coco_dataset, wrong_classes=True)
+    inputs, outputs = gt_predictions(coco_dataset, wrong_classes=True)
     outputs[2] = {"instances": outputs[2]["instances"][:1]}
     results = _run(build_coco_evaluator(coco_dataset, class_agnostic=True), inputs, outputs)
     assert 50.0 < results["bbox"]["AP"] < 100.0
 
 
 @pytest.mark.parametrize("mode", ["never_processed", "no_instances"])
-def test_empty_predictions_report_zeros(coco_dataset, caplog, mode):
+def test_empty_predictions_report_zeros(coco_dataset, caplog, mode, gt_predictions):
     evaluator = build_coco_evaluator(coco_dataset)
     evaluator.reset()
     if mode == "no_instances":
-        inputs, outputs = _predictions_from_ground_truth(coco_dataset)
+        inputs, outputs = gt_predictions(coco_dataset)
         evaluator.process(inputs, [{"instances": o["instances"][:0]} for o in outputs])
     with caplog.at_level(logging.WARNING):
         results = evaluator.evaluate()
@@ -120,14 +113,14 @@ def test_empty_predictions_report_zeros(coco_dataset, caplog, mode):
     assert "reporting zeros" in caplog.text
 
 
-def test_evaluator_built_before_dataset_is_loaded(coco_dataset):
+def test_evaluator_built_before_dataset_is_loaded(coco_dataset, gt_predictions):
     """The json -> contiguous id mapping exists only once the dataset is loaded; the evaluator loads
     it itself rather than taking predicted class indices for json category ids."""
     name = f"{coco_dataset}_fresh"
     register_coco_instances(name, {}, MetadataCatalog.get(coco_dataset).json_file, "")
     try:
         evaluator = build_coco_evaluator(name, tasks=("bbox",))
-        inputs, outputs = _predictions_from_ground_truth(coco_dataset)  # `name` itself is never loaded
+        inputs, outputs = gt_predictions(coco_dataset)  # `name` itself is never loaded
         results = _run(evaluator, inputs, outputs)
         assert set(results) == {"bbox"} and results["bbox"]["AP"] == pytest.approx(100.0)
     finally:
@@ -135,7 +128,7 @@ def test_evaluator_built_before_dataset_is_loaded(coco_dataset):
         MetadataCatalog.remove(name)
 
 
-def test_build_evaluator_for_detection(coco_dataset, tmp_path):
+def test_build_evaluator_for_detection(coco_dataset, tmp_path, gt_predictions):
     from detectron2.config import get_cfg
 
     from up2.config import add_up2_config
@@ -147,6 +140,6 @@ def test_build_evaluator_for_detection(coco_dataset, tmp_path):
     evaluator = build_evaluator(cfg, coco_dataset, "detection")
     assert isinstance(evaluator, UP2COCOEvaluator) and evaluator._use_fast_impl is False
     assert evaluator._output_dir == str(tmp_path / "inference" / coco_dataset)
-    inputs, outputs = _predictions_from_ground_truth(coco_dataset, wrong_classes=True)
+    inputs, outputs = gt_predictions(coco_dataset, wrong_classes=True)
     agnostic = build_evaluator(cfg, coco_dataset, "detection", class_agnostic=True)
     assert _run(agnostic, inputs, outputs)["bbox"]["AP"] == pytest.approx(100.0)

@@ -5,12 +5,10 @@ import json
 import os
 import sys
 
-import numpy as np
 import pytest
 import torch
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.structures import Boxes, BoxMode, Instances, polygons_to_bitmask
 from torch import nn
 
 from up2.config import add_up2_config
@@ -64,11 +62,12 @@ class GroundTruthNamer(nn.Module):
     """Predicts the ground-truth objects of a dataset (boxes, masks, score 1) with the class index of each
     object's name in the current detection vocabulary."""
 
-    def __init__(self, dataset_name: str, vocabulary):
+    def __init__(self, dataset_name: str, vocabulary, to_instances):
         super().__init__()
         self.records = {r["image_id"]: r for r in DatasetCatalog.get(dataset_name)}
         self.names = MetadataCatalog.get(dataset_name).thing_classes
         self.current = list(vocabulary)
+        self.to_instances = to_instances  # the ground_truth_instances fixture
 
     def vocabulary(self, task):
         return list(self.current)
@@ -80,20 +79,13 @@ class GroundTruthNamer(nn.Module):
         outputs = []
         for x in batched_inputs:
             record = self.records[x["image_id"]]
-            h, w, anns = record["height"], record["width"], record["annotations"]
-            instances = Instances((h, w))
-            boxes = [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in anns]
-            instances.pred_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
-            instances.scores = torch.ones(len(anns))
-            instances.pred_classes = torch.tensor([self.current.index(self.names[a["category_id"]]) for a in anns],
-                                                  dtype=torch.long)
-            masks = [polygons_to_bitmask([np.asarray(p) for p in a["segmentation"]], h, w) for a in anns]
-            instances.pred_masks = torch.from_numpy(np.stack(masks) if masks else np.zeros((0, h, w), dtype=bool))
-            outputs.append({"instances": instances})
+            classes = [self.current.index(self.names[a["category_id"]]) for a in record["annotations"]]
+            outputs.append({"instances": self.to_instances(record, classes)})
         return outputs
 
 
-def test_naming_the_novel_objects_right_scores_100_and_chance_does_not(shapes_split, tmp_path):
+def test_naming_the_novel_objects_right_scores_100_and_chance_does_not(shapes_split, tmp_path,
+                                                                    ground_truth_instances):
     _, split = shapes_split
     cfg = get_cfg()
     add_up2_config(cfg)
@@ -101,7 +93,7 @@ def test_naming_the_novel_objects_right_scores_100_and_chance_does_not(shapes_sp
     cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 64, 64
     cfg.DATALOADER.NUM_WORKERS = 0
     dataset = f"{PREFIX}_det_val_novel"
-    model = GroundTruthNamer(dataset, vocabulary=split["seen"])
+    model = GroundTruthNamer(dataset, split["seen"], ground_truth_instances)
     results = evaluate_novel_classes(cfg, model, dataset, split["novel"], str(tmp_path))
     assert results["zero_shot"]["bbox/AP50"] == pytest.approx(100.0)
     assert results["zero_shot"]["segm/AP50"] == pytest.approx(100.0)
@@ -109,10 +101,10 @@ def test_naming_the_novel_objects_right_scores_100_and_chance_does_not(shapes_sp
     assert model.vocabulary("detection") == split["seen"]  # the previous vocabulary is restored
 
 
-def test_chance_model_keeps_boxes_and_scores_and_draws_classes(shapes_split):
+def test_chance_model_keeps_boxes_and_scores_and_draws_classes(shapes_split, ground_truth_instances):
     _, split = shapes_split
     dataset = f"{PREFIX}_det_val_novel"
-    model = GroundTruthNamer(dataset, vocabulary=split["novel"])
+    model = GroundTruthNamer(dataset, split["novel"], ground_truth_instances)
     inputs = [{"image_id": i} for i in sorted(model.records)]
     truth, chance = model(inputs), RandomClassModel(model, num_classes=3, seed=0)(inputs)
     drawn = torch.cat([c["instances"].pred_classes for c in chance])
