@@ -8,10 +8,24 @@ cd "$ROOT"
 export DETECTRON2_DATASETS="$(dirname "$SHAPES_DIR")"
 
 start=$(date +%s)
-if [[ -f "$SHAPES_DIR/shapes_info.json" ]]; then
+# reuse a complete dataset of the current generator version (an older one is regenerated in place)
+current=$("$PY" - "$SHAPES_DIR" <<'PYEOF'
+import json, os, sys
+from up2.data.shapes import load_spec
+path = os.path.join(sys.argv[1], "shapes_info.json")
+try:
+    info = json.load(open(path))
+except (OSError, ValueError):
+    print("missing")
+else:
+    ok = info.get("complete") and info.get("generator_version") == load_spec()["version"]
+    print("current" if ok else f"version {info.get('generator_version')}")
+PYEOF
+)
+if [[ "$current" == "current" ]]; then
   echo "[demo] reusing $SHAPES_DIR (delete it to regenerate)"
 else
-  echo "[demo] generating the shapes dataset in $SHAPES_DIR"
+  echo "[demo] generating the shapes dataset in $SHAPES_DIR ($current; generator version $("$PY" -c 'from up2.data.shapes import load_spec; print(load_spec()["version"])'))"
   "$PY" -m up2.data.shapes --out "$SHAPES_DIR" --seed 0
 fi
 echo "[demo] training $CONFIG -> $OUTPUT"

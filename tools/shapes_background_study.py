@@ -3,7 +3,9 @@
 same for every variant, trained for the same wall-clock budget on the classification images with
 
 * ``textured``: the images as ``python -m up2.data.shapes`` renders them (before its JPEG encoding):
-  gradient, noisy, striped or checkered backgrounds of random colours;
+  gradient, noisy, striped or checkered backgrounds of two close muted colours (spec version 2);
+* ``vivid``: the same shapes drawn the way spec version 1 did, on textures of two independent colours,
+  half the time taken from the shapes' own hues (not the same images: the background is drawn first);
 * ``plain``: the same shapes (same masks, colours, distractors) on one random colour per image;
 * ``gray``: the same shapes on neutral gray (128, 128, 128) in every image.
 
@@ -32,7 +34,7 @@ from reference_classifier import small_bn_net  # noqa: E402
 
 from up2.data.shapes import load_spec, render_classification_image  # noqa: E402
 
-VARIANTS = ("textured", "plain", "gray")
+VARIANTS = ("textured", "vivid", "plain", "gray")
 RENDER_SIZE = 128
 
 
@@ -45,9 +47,10 @@ def render_split(split_id: int, count: int, variant: str, size: int, spec: dict)
     images, labels = [], []
     for index in range(count):
         label = index % num_classes
-        sample = render_classification_image(0, split_id, index, label, RENDER_SIZE, spec)
+        style_spec = {**spec, "background_style": "vivid"} if variant == "vivid" else spec
+        sample = render_classification_image(0, split_id, index, label, RENDER_SIZE, style_spec)
         image = sample.image
-        if variant != "textured":
+        if variant in ("plain", "gray"):
             shapes = np.any([instance.mask for instance in sample.instances], axis=0)
             fill = recolor.integers(0, 256, 3) if variant == "plain" else np.full(3, 128)
             image = np.where(shapes[..., None], image, fill.astype(np.uint8))

@@ -17,7 +17,7 @@ from pycocotools.coco import COCO
 
 from up2.data.shapes import generate_shapes, load_spec, render_scene
 from up2.data.shapes.__main__ import main as shapes_main
-from up2.data.shapes.scene import is_simple_region, mask_to_bbox, mask_to_polygons
+from up2.data.shapes.scene import is_simple_region, mask_to_bbox, mask_to_polygons, render_background
 
 SMALL = {"num_train": 40, "num_val": 10, "vocab_size": 600}
 SPEC = load_spec()
@@ -81,6 +81,30 @@ def test_refuses_non_empty_directory_that_is_not_shapes(tmp_path, caplog):
         assert shapes_main(["--out", str(tmp_path), "--num-train", "2", "--num-val", "1"]) == 2
     assert "shapes_info.json" in caplog.text and str(tmp_path) in caplog.text
     assert os.listdir(tmp_path) == ["precious.txt"] and (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_background_styles():
+    """Muted (the generator's since spec version 2): every pixel within a low-saturation band around
+    two close colours; vivid (version 1): independent colours, much more saturated on average; both
+    draw the four kinds; an unknown style is named in the error."""
+    palette = [c["rgb"] for c in SPEC["colors"]]
+    assert SPEC["background_style"] == "muted"
+    saturation, kinds = {"muted": [], "vivid": []}, {"muted": set(), "vivid": set()}
+    for style in saturation:
+        for index in range(40):
+            image, kind = render_background(np.random.default_rng([7, index]), 64, palette, style)
+            assert image.shape == (64, 64, 3) and image.dtype == np.uint8
+            pixels = image.reshape(-1, 3).astype(np.float32)
+            saturation[style].append(float(np.mean(pixels.max(1) - pixels.min(1))))
+            kinds[style].add(kind)
+            if style == "muted":
+                # channels of a pixel differ by at most 2 x 12 (tint) + 2 x 8 (second colour) + noise
+                assert np.percentile(pixels.max(1) - pixels.min(1), 99) < 60
+                assert np.ptp(pixels.mean(1)) < 40 + 2 + 6 * 10  # contrast <= 40 (+ tint, noise)
+    assert kinds["muted"] == kinds["vivid"] == {0, 1, 2, 3}
+    assert 2 * np.mean(saturation["muted"]) < np.mean(saturation["vivid"])
+    with pytest.raises(ValueError, match="'pastel'"):
+        render_background(np.random.default_rng(0), 8, palette, "pastel")
 
 
 def test_mask_helpers_known_answers():

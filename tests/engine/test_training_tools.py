@@ -77,6 +77,29 @@ def test_background_study_keeps_the_shapes_and_replaces_only_the_background():
         tool.render_split(1, 1, "checkered", 32, spec)
 
 
+def test_background_study_vivid_variant_draws_version_1_backgrounds():
+    """``vivid``: the backgrounds of spec version 1 (independent, often saturated colours) under the
+    same labels; ``textured``: the generator's muted ones (two close colours of low saturation)."""
+    tool = load_tool("shapes_background_study")
+    spec = tool.load_spec()
+    assert spec["background_style"] == "muted"
+    muted, labels = tool.render_split(1, 10, "textured", tool.RENDER_SIZE, spec)
+    vivid, vivid_labels = tool.render_split(1, 10, "vivid", tool.RENDER_SIZE, spec)
+    assert labels.tolist() == vivid_labels.tolist()
+
+    def background_saturation(images, style):
+        values = []
+        for index in range(len(images)):
+            style_spec = {**spec, "background_style": style}
+            sample = tool.render_classification_image(0, 1, index, index % 10, tool.RENDER_SIZE, style_spec)
+            shapes = torch.from_numpy(sum(instance.mask for instance in sample.instances) > 0)
+            pixels = images[index][:, ~shapes]  # (3, P)
+            values.append(float((pixels.max(0).values - pixels.min(0).values).mean()))
+        return sum(values) / len(values)
+
+    assert background_saturation(muted, "muted") * 2 < background_saturation(vivid, "vivid")
+
+
 def test_background_study_reports_what_it_trained():
     tool = load_tool("shapes_background_study")
     spec = tool.load_spec()

@@ -1,4 +1,4 @@
-"""Drawing of `shapes` images: textured backgrounds, rotated shapes, visible masks, COCO polygons.
+"""Drawing of `shapes` images: textured (muted) backgrounds, rotated shapes, visible masks, COCO polygons.
 
 Everything is driven by a ``numpy.random.Generator``: the same generator state gives the same
 image and the same masks. Shapes are rasterised without anti-aliasing, so a visible mask is exactly
@@ -125,15 +125,38 @@ def _random_color(rng: np.random.Generator, palette: Sequence[Sequence[int]]) ->
     return rng.uniform(0, 255, size=3).astype(np.float32)
 
 
-def render_background(rng: np.random.Generator, size: int, palette: Sequence[Sequence[int]]) -> Tuple[np.ndarray, int]:
+def _muted_colors(rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
+    """Two close, low-saturation colours: a gray level in [70, 180] tinted by up to 12 per channel, and
+    the same shifted by up to 40 (the texture's contrast)."""
+    first = rng.uniform(70, 180) + rng.uniform(-12, 12, size=3)
+    second = first + rng.uniform(-40, 40) + rng.uniform(-8, 8, size=3)
+    return np.clip(first, 0, 255).astype(np.float32), np.clip(second, 0, 255).astype(np.float32)
+
+
+BACKGROUND_STYLES = ("muted", "vivid")
+
+
+def render_background(rng: np.random.Generator, size: int, palette: Sequence[Sequence[int]],
+                      style: str = "muted") -> Tuple[np.ndarray, int]:
     """A textured background and its kind.
+
+    ``style``: ``"muted"`` (the generator's, since spec version 2): textures of two close low-saturation
+    colours, so shapes stand out from them as objects do from a scene, while the texture's edges still
+    compete with theirs; ``"vivid"`` (version 1): two colours drawn independently, half the time from
+    the shapes' own hues. On vivid backgrounds a plain CNN barely learns the shape classes within
+    minutes on a CPU (``tools/shapes_background_study.py``).
 
     Returns:
         (size, size, 3) uint8 image and the kind: 0 gradient, 1 noisy, 2 striped, 3 checkered
         (the order of ``backgrounds`` in spec.json).
     """
+    if style not in BACKGROUND_STYLES:
+        raise ValueError(f"unknown background style {style!r}; expected one of {list(BACKGROUND_STYLES)}")
     kind = int(rng.integers(4))
-    first, second = _random_color(rng, palette), _random_color(rng, palette)
+    if style == "muted":
+        first, second = _muted_colors(rng)
+    else:
+        first, second = _random_color(rng, palette), _random_color(rng, palette)
     yy, xx = np.arange(size, dtype=np.float32)[:, None], np.arange(size, dtype=np.float32)[None, :]
     if kind == 0:
         angle = rng.uniform(0, 2 * math.pi)
@@ -144,7 +167,7 @@ def render_background(rng: np.random.Generator, size: int, palette: Sequence[Seq
         cells = int(rng.integers(3, 9))
         coarse = Image.fromarray(rng.uniform(0, 1, size=(cells, cells)).astype(np.float32))
         t = np.asarray(coarse.resize((size, size), Image.BICUBIC), dtype=np.float32).clip(0, 1)
-        noise = 14.0
+        noise = 14.0 if style == "vivid" else 10.0
     elif kind == 2:
         period, angle = rng.uniform(0.06, 0.25) * size, rng.uniform(0, math.pi)
         t = (((xx * math.cos(angle) + yy * math.sin(angle)) / period) % 1.0 < 0.5).astype(np.float32)
@@ -335,10 +358,11 @@ def _palette(spec: dict) -> Tuple[List[str], dict]:
 
 
 def _compose_until_placed(rng: np.random.Generator, size: int, spec: dict, requests, what: str) -> Sample:
-    """Composes on fresh backgrounds until the first (main) request is placed."""
+    """Composes on fresh backgrounds (of the spec's ``background_style``; version 1 specs had none: vivid)
+    until the first (main) request is placed."""
     names, colors = _palette(spec)
     for _ in range(10):
-        background, kind = render_background(rng, size, list(colors.values()))
+        background, kind = render_background(rng, size, list(colors.values()), spec.get("background_style", "vivid"))
         image, instances = compose_scene(rng, background, requests, names, colors)
         if instances and (instances[0].category, instances[0].color) == tuple(requests[0][:2]):
             return Sample(image, instances, kind)
