@@ -186,6 +186,12 @@ def _add_model_config(cfg):
     # Activation checkpointing of vocabulary chunks in training (memory ~ chunk outputs only; the
     # networks run twice in backward for the vocabulary).
     cfg.MODEL.UP2.HEAD.VOCAB_CHECKPOINT = True
+    # Class-name targets (detection, classification) take gradient in training (the paper: jointly tuned
+    # with a pretrained text encoder). False encodes them without gradient, as frozen-text-embedding
+    # detectors do: the text side then learns from captioning, retrieval and MLM only. With a random
+    # text encoder the gradient through near-identical class names collapses both sides to constant
+    # outputs (README, "What make demo produces").
+    cfg.MODEL.UP2.HEAD.CLASS_TARGETS_GRAD = True
 
     # ---- Task-specific settings.
     cfg.MODEL.UP2.RETRIEVAL = CN()

@@ -187,3 +187,31 @@ def test_default_class_names_come_from_dataset_metadata_even_when_set_after_buil
     with torch.no_grad():
         scores = model(batch("classification", 1))[0]["class_scores"]
     assert scores.shape == (2,) and model.vocabulary("classification") == ["star", "circle"]
+
+
+@pytest.mark.parametrize("task", ["classification", "detection"])
+def test_class_targets_without_gradient_leave_the_text_encoder_untouched(tiny_up2_cfg, task):
+    """MODEL.UP2.HEAD.CLASS_TARGETS_GRAD False: the class-name targets carry no gradient, so a
+    classification / detection loss reaches no text-encoder parameter (they are only used for the
+    targets), while the image side and the decoder still learn; with the default (True) the text encoder
+    gets a non-zero gradient. The losses are equal: only the backward changes."""
+    grads, losses = {}, {}
+    for enabled in (True, False):
+        cfg = tiny_up2_cfg.clone()
+        cfg.defrost()
+        cfg.MODEL.UP2.HEAD.CLASS_TARGETS_GRAD = enabled
+        torch.manual_seed(0)
+        m = build_model(cfg)
+        m.set_vocabulary(task, CLASSES)
+        m.train()
+        torch.manual_seed(1)
+        loss = sum(m(batch(task)).values())
+        loss.backward()
+        losses[enabled] = float(loss)
+        grads[enabled] = {
+            "text": sum(float(p.grad.abs().sum()) for p in m.text_encoder.parameters() if p.grad is not None),
+            "decoder": sum(float(p.grad.abs().sum()) for p in m.decoder.parameters() if p.grad is not None),
+            "image": sum(float(p.grad.abs().sum()) for p in m.image_encoder.parameters() if p.grad is not None)}
+    assert losses[True] == pytest.approx(losses[False], rel=1e-6)
+    assert grads[True]["text"] > 0 and grads[False]["text"] == 0
+    assert grads[False]["decoder"] > 0 and grads[False]["image"] > 0

@@ -57,14 +57,17 @@ class TargetEncoder(nn.Module):
     Args:
         vocab_chunk_size: sequences per chunk when encoding the vocabulary.
         checkpoint_chunks: use activation checkpointing for vocabulary chunks in training.
+        class_targets_grad: class names are encoded with gradient (False: under ``torch.no_grad()``, also
+            in training; the networks still change them through the other tasks' updates).
     """
 
-    def __init__(self, vocab_chunk_size: int = 4096, checkpoint_chunks: bool = True):
+    def __init__(self, vocab_chunk_size: int = 4096, checkpoint_chunks: bool = True, class_targets_grad: bool = True):
         super().__init__()
         if vocab_chunk_size < 1:
             raise ValueError(f"MODEL.UP2.HEAD.VOCAB_CHUNK_SIZE must be >= 1, got {vocab_chunk_size}")
         self.vocab_chunk_size = vocab_chunk_size
         self.checkpoint_chunks = checkpoint_chunks
+        self.class_targets_grad = class_targets_grad
         self._cache: Dict[Tuple, Tuple[int, torch.Tensor]] = {}
 
     def clear_cache(self):
@@ -94,7 +97,8 @@ class TargetEncoder(nn.Module):
         """(C, d) ``<SPE>`` outputs of the class names."""
         def compute():
             batch = text_encoder.tokenize([" " + name.strip() for name in names])
-            return self._encode_ids(text_encoder, decoder, task, batch["input_ids"], batch["attention_mask"])
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.class_targets_grad):
+                return self._encode_ids(text_encoder, decoder, task, batch["input_ids"], batch["attention_mask"])
 
         return self._cached(("classes", task, tuple(names)), (text_encoder, decoder), compute)
 
