@@ -99,6 +99,11 @@ def test_naming_the_novel_objects_right_scores_100_and_chance_does_not(shapes_sp
     assert results["zero_shot"]["segm/AP50"] == pytest.approx(100.0)
     assert results["chance"]["bbox/AP50"] < 90.0
     assert model.vocabulary("detection") == split["seen"]  # the previous vocabulary is restored
+    # the novel names in another order than the dataset's category ids: still scored by name
+    reordered = evaluate_novel_classes(cfg, model, dataset, list(reversed(split["novel"])), str(tmp_path / "r"))
+    assert reordered["zero_shot"]["bbox/AP50"] == pytest.approx(100.0)
+    with pytest.raises(ValueError, match="expected the novel classes"):
+        evaluate_novel_classes(cfg, model, dataset, split["novel"][:2], str(tmp_path / "bad"))
 
 
 def test_chance_model_keeps_boxes_and_scores_and_draws_classes(shapes_split, ground_truth_instances):

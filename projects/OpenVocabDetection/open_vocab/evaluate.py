@@ -9,6 +9,7 @@ import logging
 from typing import Dict, Sequence
 
 import torch
+from detectron2.data import MetadataCatalog
 from detectron2.evaluation import inference_on_dataset
 from torch import nn
 
@@ -40,9 +41,20 @@ class RandomClassModel(nn.Module):
 def evaluate_novel_classes(cfg, model: nn.Module, dataset_name: str, novel: Sequence[str],
                            output_dir: str) -> Dict[str, Dict[str, float]]:
     """COCO AP of ``model`` on ``dataset_name`` (novel annotations only) with the novel names as vocabulary,
-    and of the chance baseline. Returns ``{"zero_shot": {...}, "chance": {...}}`` (bbox and segm metrics)."""
+    and of the chance baseline. Returns ``{"zero_shot": {...}, "chance": {...}}`` (bbox and segm metrics).
+
+    The vocabulary is the dataset's ``thing_classes`` (the novel names in category-id order): the evaluator
+    maps predicted class index i to the i-th of them, whatever order ``novel`` lists them in.
+
+    Raises:
+        ValueError: ``novel`` is not the set of the dataset's classes.
+    """
+    names = list(MetadataCatalog.get(dataset_name).thing_classes)
+    if sorted(names) != sorted(novel):
+        raise ValueError(f"evaluate_novel_classes: {dataset_name} has the classes {names}, expected the novel "
+                         f"classes {sorted(novel)}")
     previous = model.vocabulary("detection")
-    model.set_vocabulary("detection", list(novel))
+    model.set_vocabulary("detection", names)
     model.eval()
     results = {}
     try:
