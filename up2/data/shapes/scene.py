@@ -361,8 +361,9 @@ def _compose_until_placed(rng: np.random.Generator, size: int, spec: dict, reque
     """Composes on fresh backgrounds (of the spec's ``background_style``; version 1 specs had none: vivid)
     until the first (main) request is placed."""
     names, colors = _palette(spec)
+    style = spec.get("background_style", "vivid")
     for _ in range(10):
-        background, kind = render_background(rng, size, list(colors.values()), spec.get("background_style", "vivid"))
+        background, kind = render_background(rng, size, list(colors.values()), style)
         image, instances = compose_scene(rng, background, requests, names, colors)
         if instances and (instances[0].category, instances[0].color) == tuple(requests[0][:2]):
             return Sample(image, instances, kind)
