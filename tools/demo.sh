@@ -8,24 +8,28 @@ cd "$ROOT"
 export DETECTRON2_DATASETS="$(dirname "$SHAPES_DIR")"
 
 start=$(date +%s)
-# reuse a complete dataset of the current generator version (an older one is regenerated in place)
-current=$("$PY" - "$SHAPES_DIR" <<'PYEOF'
+# reuse a complete dataset of the current generator version (an older one is regenerated in place);
+# the check prints "current" or why the dataset has to be (re)generated
+status=$("$PY" - "$SHAPES_DIR" <<'PYEOF'
 import json, os, sys
 from up2.data.shapes import load_spec
-path = os.path.join(sys.argv[1], "shapes_info.json")
+version = load_spec()["version"]
 try:
-    info = json.load(open(path))
+    info = json.load(open(os.path.join(sys.argv[1], "shapes_info.json")))
 except (OSError, ValueError):
-    print("missing")
+    print(f"none yet; generator version {version}")
 else:
-    ok = info.get("complete") and info.get("generator_version") == load_spec()["version"]
-    print("current" if ok else f"version {info.get('generator_version')}")
+    if info.get("complete") and info.get("generator_version") == version:
+        print("current")
+    else:
+        print(f"found version {info.get('generator_version')}, complete {info.get('complete')}; "
+              f"generator version {version}")
 PYEOF
 )
-if [[ "$current" == "current" ]]; then
+if [[ "$status" == "current" ]]; then
   echo "[demo] reusing $SHAPES_DIR (delete it to regenerate)"
 else
-  echo "[demo] generating the shapes dataset in $SHAPES_DIR ($current; generator version $("$PY" -c 'from up2.data.shapes import load_spec; print(load_spec()["version"])'))"
+  echo "[demo] generating the shapes dataset in $SHAPES_DIR ($status)"
   "$PY" -m up2.data.shapes --out "$SHAPES_DIR" --seed 0
 fi
 echo "[demo] training $CONFIG -> $OUTPUT"
