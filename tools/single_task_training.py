@@ -29,6 +29,20 @@ from up2.solver import build_optimizer
 logger = logging.getLogger("up2.single_task_training")
 
 
+def with_batch_size(cfg, task_name: str, batch_size: int):
+    """A copy of ``cfg`` whose ``DATASETS.UP2.TASKS`` entry ``task_name`` has BATCH_SIZE ``batch_size``."""
+    cfg = cfg.clone()
+    cfg.defrost()
+    names = [entry.get("NAME") or entry.get("TYPE") for entry in cfg.DATASETS.UP2.TASKS]
+    matching = [entry for entry, name in zip(cfg.DATASETS.UP2.TASKS, names) if name == task_name]
+    if not matching:
+        raise KeyError(f"Task {task_name!r} is not in DATASETS.UP2.TASKS ({names})")
+    for entry in matching:
+        entry["BATCH_SIZE"] = batch_size
+    get_task_entries(cfg)  # rejects a batch size <= 0, naming the task
+    return cfg
+
+
 def train_one_task(cfg, task_name: str, iters: int, window: int = 10, seed: int = 0) -> dict:
     """Returns ``{"task", "initial", "first", "last", "reduction", "reduction_from_initial",
     "seconds_per_iter"}`` (see the module doc)."""
@@ -64,6 +78,8 @@ def main(argv=None):
     parser.add_argument("--tasks", nargs="+", required=True, help="task NAMEs of DATASETS.UP2.TASKS")
     parser.add_argument("--iters", type=int, default=300)
     parser.add_argument("--window", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="per-step batch size of the trained task (default: the config's BATCH_SIZE)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -71,7 +87,8 @@ def main(argv=None):
     cfg.DATALOADER.NUM_WORKERS = 0
     results = []
     for task in args.tasks:
-        result = train_one_task(cfg, task, args.iters, args.window)
+        task_cfg = cfg if args.batch_size is None else with_batch_size(cfg, task, args.batch_size)
+        result = train_one_task(task_cfg, task, args.iters, args.window)
         print(json.dumps(result), flush=True)
         results.append(result)
     return results

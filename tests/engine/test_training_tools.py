@@ -107,3 +107,18 @@ def test_background_study_reports_what_it_trained():
     result = tool.train_and_evaluate(train, val, len(spec["categories"]), seconds=0.5)
     assert result["iterations"] >= 1
     assert result["val_top1"] in {10.0 * k for k in range(11)}  # a share of 10 validation images
+
+
+def test_single_task_training_batch_size_override(tiny_multitask_cfg, tmp_path):
+    tool = load_tool("single_task_training")
+    cfg = tiny_multitask_cfg(tmp_path, tasks=("classification", "mlm"), max_iter=8)
+    new_size = 1 + max(e.batch_size for e in tool.get_task_entries(cfg))
+    changed = tool.with_batch_size(cfg, "mlm", new_size)
+    sizes = {e.name: e.batch_size for e in tool.get_task_entries(changed)}
+    original = {e.name: e.batch_size for e in tool.get_task_entries(cfg)}
+    assert sizes["mlm"] == new_size and sizes["classification"] == original["classification"]
+    assert original["mlm"] != new_size  # the given config is left as it was
+    with pytest.raises(KeyError, match="captioning"):
+        tool.with_batch_size(cfg, "captioning", 3)
+    with pytest.raises(ValueError, match="mlm"):
+        tool.with_batch_size(cfg, "mlm", 0)
