@@ -4,7 +4,8 @@
         --tasks detection classification retrieval captioning mlm --iters 300
 
 For every task: a fresh model (seeded), that task's loader, optimizer (up2's, MT-AdamW with s_k = 1) and
-LR schedule (the config's warm-up and steps), ``--iters`` steps. Prints one JSON line per task: ``initial`` (the untrained model's loss, step 1),
+LR schedule (the config's warm-up and steps), ``--iters`` steps of ``--batch-size`` inputs (default: the
+task's BATCH_SIZE). Prints one JSON line per task: ``initial`` (the untrained model's loss, step 1),
 ``first`` / ``last`` (mean total loss of the first / last ``--window`` steps), ``reduction`` = 1 - last /
 first and ``reduction_from_initial`` = 1 - last / initial.
 """
