@@ -34,12 +34,10 @@ def with_batch_size(cfg, task_name: str, batch_size: int):
     """A copy of ``cfg`` whose ``DATASETS.UP2.TASKS`` entry ``task_name`` has BATCH_SIZE ``batch_size``."""
     cfg = cfg.clone()
     cfg.defrost()
-    names = [entry.get("NAME") or entry.get("TYPE") for entry in cfg.DATASETS.UP2.TASKS]
-    matching = [entry for entry, name in zip(cfg.DATASETS.UP2.TASKS, names) if name == task_name]
-    if not matching:
+    names = [entry.name for entry in get_task_entries(cfg)]  # config order, the config's naming rule
+    if task_name not in names:
         raise KeyError(f"Task {task_name!r} is not in DATASETS.UP2.TASKS ({names})")
-    for entry in matching:
-        entry["BATCH_SIZE"] = batch_size
+    cfg.DATASETS.UP2.TASKS[names.index(task_name)]["BATCH_SIZE"] = batch_size
     get_task_entries(cfg)  # rejects a batch size <= 0, naming the task
     return cfg
 
