@@ -68,6 +68,9 @@ def _add_model_config(cfg):
     cfg.MODEL.UP2.PROPOSER.NAME = "DeformableRegionProposer"
     # Hidden dimension d of the proposer (Table 7: hidden_dim).
     cfg.MODEL.UP2.PROPOSER.HIDDEN_DIM = 256
+    # GroupNorm groups of the input projection and the mask branch (32, as Deformable DETR / MaskDINO).
+    # HIDDEN_DIM must be divisible by it; small widths want fewer groups (channels per group = d / groups).
+    cfg.MODEL.UP2.PROPOSER.NORM_GROUPS = 32
     # Number of feature levels given to the deformable encoder (F'1..F'4).
     cfg.MODEL.UP2.PROPOSER.NUM_FEATURE_LEVELS = 4
     # Deformable encoder / decoder depth (Table 7: enc_layers, dec_layers).

@@ -119,6 +119,24 @@ def test_proposer_inference_has_no_losses(proposer):
     assert "losses" not in out and out["regional_tokens"].shape == (2, O, 32)
 
 
+@pytest.mark.parametrize("groups", [32, 8])
+def test_proposer_norm_groups_from_config(groups):
+    cfg = _cfg()
+    cfg.MODEL.UP2.PROPOSER.NORM_GROUPS = groups
+    model = build_proposer(cfg, INPUT_SHAPE)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
+    # every projected level (4 + the extra one) and the mask branch's lateral / output convs
+    assert len(norms) >= 6 and {m.num_groups for m in norms} == {groups}
+
+
+@pytest.mark.parametrize("groups", [0, 5])
+def test_proposer_rejects_norm_groups_not_dividing_width(groups):
+    cfg = _cfg()
+    cfg.MODEL.UP2.PROPOSER.NORM_GROUPS = groups
+    with pytest.raises(ValueError, match=f"NORM_GROUPS \\({groups}\\).*HIDDEN_DIM \\(32\\)"):
+        build_proposer(cfg, INPUT_SHAPE)
+
+
 def _detector_cfg():
     cfg = _cfg()
     cfg.MODEL.META_ARCHITECTURE = "ProposalDetector"

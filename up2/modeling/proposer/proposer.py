@@ -107,12 +107,16 @@ class DeformableRegionProposer(nn.Module):
         if not 0 < prop.TOPK_QUERIES <= prop.NUM_QUERIES:
             raise ValueError(f"MODEL.UP2.PROPOSER.TOPK_QUERIES ({prop.TOPK_QUERIES}) must be in "
                              f"[1, NUM_QUERIES={prop.NUM_QUERIES}]")
+        if prop.NORM_GROUPS < 1 or prop.HIDDEN_DIM % prop.NORM_GROUPS:
+            raise ValueError(f"MODEL.UP2.PROPOSER.NORM_GROUPS ({prop.NORM_GROUPS}) must be >= 1 and divide "
+                             f"HIDDEN_DIM ({prop.HIDDEN_DIM})")
         return {
-            "input_projection": InputProjection(input_shape, in_features, prop.HIDDEN_DIM, num_extra_levels=num_extra),
+            "input_projection": InputProjection(input_shape, in_features, prop.HIDDEN_DIM, num_extra_levels=num_extra,
+                                                num_groups=prop.NORM_GROUPS),
             "encoder": DeformableEncoder(cfg),
             "query_selection": TwoStageQuerySelection(cfg),
             "decoder": DeformableDecoder(cfg),
-            "mask_branch": MaskBranch(prop.HIDDEN_DIM, prop.MASK_DIM),
+            "mask_branch": MaskBranch(prop.HIDDEN_DIM, prop.MASK_DIM, num_groups=prop.NORM_GROUPS),
             "fusion": ProposalFusion(prop.HIDDEN_DIM, prop.FUSION_MASK_POOL_SIZE, prop.TOPK_QUERIES),
             "criterion": ProposalCriterion(cfg),
             "num_queries": prop.NUM_QUERIES,
