@@ -11,10 +11,17 @@ forward (under ``no_grad``) and of forward+backward, and their ratios (MoE / den
 * Dense reference: :class:`~up2.modeling.moe.FFN`, i.e. ``nn.Linear(d, ffn)`` -> GELU -> dropout ->
   ``nn.Linear(ffn, d)`` -> dropout, with the same width and dropout probability as the experts.
 
+Workload. The weight-space work (mixing the experts, folding gradients back) is fixed per step while the
+token work grows with the tokens, so the ratio falls as a step holds more tokens. The default is one
+per-GPU step of the paper configuration: 28 sequences (``BATCH_SIZE`` of classification / retrieval in
+``configs/Base-UP2.yaml``) of 288 tokens (an image at 224 px: ``<SPE>`` + 10 pooled + 7 x 7 flattened +
+200 regional tokens, plus a caption of up to 28 tokens), with segments from 5 attribute combinations, more
+distinct routings than a one-task step has. ``--batch 8 --length 256`` is a small step (2048 tokens).
+
 Each forward+backward starts from ``zero_grad(set_to_none=True)`` on the layer and the input, as a
 training step does (``--accumulate-grads`` keeps accumulating into existing ``.grad`` instead).
 
-    python benchmarks/moe.py --batch 8 --length 256 --dim 768 --ffn 3072 --repeats 9 --device cpu
+    python benchmarks/moe.py --batch 28 --length 288 --dim 768 --ffn 3072 --repeats 9 --device cpu
 """
 import argparse
 import logging
@@ -59,8 +66,8 @@ def make_segments(batch: int, length: int, generator: torch.Generator, combinati
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--length", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=28, help="sequences per step (see Workload)")
+    parser.add_argument("--length", type=int, default=288, help="tokens per sequence (see Workload)")
     parser.add_argument("--dim", type=int, default=768)
     parser.add_argument("--ffn", type=int, default=3072)
     parser.add_argument("--experts", type=int, default=8)
