@@ -21,7 +21,7 @@ demo:
 	@py="$$($(SETUP))" || exit $$?; set -e; \
 	bash tools/demo.sh "$$py" "$(SHAPES_DIR)" "$(DEMO_CONFIG)" "$(DEMO_OUTPUT)" $(DEMO_OPTS)
 
-# The whole test suite (about 2 minutes on 2 cores after set-up); `make test-fast` skips slow tests.
+# The whole test suite (about 4 minutes on 2 cores after set-up); `make test-fast` skips slow tests.
 test:
 	@py="$$($(SETUP))" || exit $$?; "$$py" -m pytest $(PYTEST_ARGS) -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: the suite must never be empty" >&2; fi; \
