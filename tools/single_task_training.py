@@ -30,14 +30,23 @@ from up2.solver import build_optimizer
 logger = logging.getLogger("up2.single_task_training")
 
 
+def find_task(cfg, task_name: str):
+    """``(index, entry)`` of the ``DATASETS.UP2.TASKS`` entry named ``task_name`` (the config's NAME-or-TYPE
+    rule); KeyError listing the tasks when there is none."""
+    entries = get_task_entries(cfg)
+    names = [entry.name for entry in entries]
+    if task_name not in names:
+        raise KeyError(f"Task {task_name!r} is not in DATASETS.UP2.TASKS ({names})")
+    index = names.index(task_name)
+    return index, entries[index]
+
+
 def with_batch_size(cfg, task_name: str, batch_size: int):
     """A copy of ``cfg`` whose ``DATASETS.UP2.TASKS`` entry ``task_name`` has BATCH_SIZE ``batch_size``."""
     cfg = cfg.clone()
     cfg.defrost()
-    names = [entry.name for entry in get_task_entries(cfg)]  # config order, the config's naming rule
-    if task_name not in names:
-        raise KeyError(f"Task {task_name!r} is not in DATASETS.UP2.TASKS ({names})")
-    cfg.DATASETS.UP2.TASKS[names.index(task_name)]["BATCH_SIZE"] = batch_size
+    index, _ = find_task(cfg, task_name)
+    cfg.DATASETS.UP2.TASKS[index]["BATCH_SIZE"] = batch_size
     get_task_entries(cfg)  # rejects a batch size <= 0, naming the task
     return cfg
 
@@ -45,9 +54,7 @@ def with_batch_size(cfg, task_name: str, batch_size: int):
 def train_one_task(cfg, task_name: str, iters: int, window: int = 10, seed: int = 0) -> dict:
     """Returns ``{"task", "initial", "first", "last", "reduction", "reduction_from_initial",
     "seconds_per_iter"}`` (see the module doc)."""
-    entries = {e.name: e for e in get_task_entries(cfg)}
-    if task_name not in entries:
-        raise KeyError(f"Task {task_name!r} is not in DATASETS.UP2.TASKS ({sorted(entries)})")
+    _, entry = find_task(cfg, task_name)
     torch.manual_seed(seed)
     model = build_model(cfg)
     model.train()
@@ -55,7 +62,7 @@ def train_one_task(cfg, task_name: str, iters: int, window: int = 10, seed: int 
     scheduler = build_lr_scheduler(cfg, optimizer)
     if hasattr(optimizer, "set_task"):
         optimizer.set_task(sampling_ratio=1.0, loss_weight=1.0)
-    loader = iter(build_task_train_loader(cfg, entries[task_name]))
+    loader = iter(build_task_train_loader(cfg, entry))
     history, start = [], time.perf_counter()
     for _ in range(iters):
         losses = model(next(loader))
