@@ -17,7 +17,8 @@ from up2.data.shapes import generate_shapes
 PROJECT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                        "projects", "OpenVocabDetection")
 sys.path.insert(0, PROJECT)
-from open_vocab import evaluate_novel_classes, register_open_vocab_split, write_open_vocab_split  # noqa: E402
+from open_vocab import evaluate_classes_by_name, evaluate_novel_classes  # noqa: E402
+from open_vocab import register_open_vocab_split, write_open_vocab_split  # noqa: E402
 from open_vocab.evaluate import RandomClassModel  # noqa: E402
 
 PREFIX = "ovtest"
@@ -26,7 +27,7 @@ PREFIX = "ovtest"
 @pytest.fixture(scope="module")
 def shapes_split(tmp_path_factory):
     """A 16 + 10 image shapes dataset, its split with the 3 most frequent val categories as novel, registered
-    as ``ovtest_det_train_seen`` / ``ovtest_det_val_novel``."""
+    as ``ovtest_det_train_seen`` / ``ovtest_det_val_novel`` / ``ovtest_det_val_seen``."""
     root = str(tmp_path_factory.mktemp("ov") / "shapes")
     generate_shapes(root, seed=0, num_train=16, num_val=10, image_size=64, vocab_size=300, workers=1)
     val = json.load(open(os.path.join(root, "annotations", "instances_val.json")))
@@ -36,7 +37,7 @@ def shapes_split(tmp_path_factory):
     split = write_open_vocab_split(root, os.path.join(root, "split"), novel)
     register_open_vocab_split(root, split, prefix=PREFIX)
     yield root, split
-    for name in (f"{PREFIX}_det_train_seen", f"{PREFIX}_det_val_novel"):
+    for name in (f"{PREFIX}_det_train_seen", f"{PREFIX}_det_val_novel", f"{PREFIX}_det_val_seen"):
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
 
@@ -45,7 +46,8 @@ def test_split_keeps_seen_for_training_and_novel_for_evaluation(shapes_split):
     root, split = shapes_split
     assert sorted(split["seen"] + split["novel"]) == sorted(c["name"] for c in json.load(
         open(os.path.join(root, "annotations", "instances_train.json")))["categories"])
-    for key, original, keep in (("train_seen", "train", split["seen"]), ("val_novel", "val", split["novel"])):
+    for key, original, keep in (("train_seen", "train", split["seen"]), ("val_novel", "val", split["novel"]),
+                                ("val_seen", "val", split["seen"])):
         full = json.load(open(os.path.join(root, "annotations", f"instances_{original}.json")))
         part = json.load(open(split[key]))
         ids = {c["id"] for c in full["categories"] if c["name"] in keep}
@@ -56,6 +58,17 @@ def test_split_keeps_seen_for_training_and_novel_for_evaluation(shapes_split):
         write_open_vocab_split(root, os.path.join(root, "bad"), split["seen"] + split["novel"])
     with pytest.raises(ValueError, match="'dodecagon'"):
         write_open_vocab_split(root, os.path.join(root, "bad"), ["dodecagon"])
+
+
+@pytest.fixture
+def eval_cfg():
+    """A config for COCO evaluation of the 64 px test images on CPU."""
+    cfg = get_cfg()
+    add_up2_config(cfg)
+    cfg.MODEL.MASK_ON = True
+    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 64, 64
+    cfg.DATALOADER.NUM_WORKERS = 0
+    return cfg
 
 
 class GroundTruthNamer(nn.Module):
@@ -84,26 +97,32 @@ class GroundTruthNamer(nn.Module):
         return outputs
 
 
-def test_naming_the_novel_objects_right_scores_100_and_chance_does_not(shapes_split, tmp_path,
+def test_naming_the_novel_objects_right_scores_100_and_chance_does_not(shapes_split, eval_cfg, tmp_path,
                                                                     ground_truth_instances):
     _, split = shapes_split
-    cfg = get_cfg()
-    add_up2_config(cfg)
-    cfg.MODEL.MASK_ON = True
-    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 64, 64
-    cfg.DATALOADER.NUM_WORKERS = 0
     dataset = f"{PREFIX}_det_val_novel"
     model = GroundTruthNamer(dataset, split["seen"], ground_truth_instances)
-    results = evaluate_novel_classes(cfg, model, dataset, split["novel"], str(tmp_path))
+    results = evaluate_novel_classes(eval_cfg, model, dataset, split["novel"], str(tmp_path))
     assert results["zero_shot"]["bbox/AP50"] == pytest.approx(100.0)
     assert results["zero_shot"]["segm/AP50"] == pytest.approx(100.0)
     assert results["chance"]["bbox/AP50"] < 90.0
     assert model.vocabulary("detection") == split["seen"]  # the previous vocabulary is restored
     # the novel names in another order than the dataset's category ids: still scored by name
-    reordered = evaluate_novel_classes(cfg, model, dataset, list(reversed(split["novel"])), str(tmp_path / "r"))
+    reordered = evaluate_novel_classes(eval_cfg, model, dataset, list(reversed(split["novel"])), str(tmp_path / "r"))
     assert reordered["zero_shot"]["bbox/AP50"] == pytest.approx(100.0)
-    with pytest.raises(ValueError, match="expected the novel classes"):
-        evaluate_novel_classes(cfg, model, dataset, split["novel"][:2], str(tmp_path / "bad"))
+    with pytest.raises(ValueError, match="expected the classes"):
+        evaluate_novel_classes(eval_cfg, model, dataset, split["novel"][:2], str(tmp_path / "bad"))
+
+
+def test_seen_split_is_scored_with_the_seen_vocabulary(shapes_split, eval_cfg, tmp_path, ground_truth_instances):
+    _, split = shapes_split
+    dataset = f"{PREFIX}_det_val_seen"
+    assert list(MetadataCatalog.get(dataset).thing_classes) == split["seen"]
+    model = GroundTruthNamer(dataset, split["novel"], ground_truth_instances)
+    results = evaluate_classes_by_name(eval_cfg, model, dataset, split["seen"], str(tmp_path))
+    assert results["by_name"]["bbox/AP50"] == pytest.approx(100.0)
+    assert results["chance"]["bbox/AP50"] < 90.0
+    assert model.vocabulary("detection") == split["novel"]
 
 
 def test_chance_model_keeps_boxes_and_scores_and_draws_classes(shapes_split, ground_truth_instances):

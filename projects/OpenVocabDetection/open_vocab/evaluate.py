@@ -16,7 +16,7 @@ from torch import nn
 from up2.engine import UP2Trainer
 from up2.evaluation import build_evaluator
 
-__all__ = ["evaluate_novel_classes", "RandomClassModel"]
+__all__ = ["evaluate_classes_by_name", "evaluate_novel_classes", "RandomClassModel"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,27 +38,28 @@ class RandomClassModel(nn.Module):
         return outputs
 
 
-def evaluate_novel_classes(cfg, model: nn.Module, dataset_name: str, novel: Sequence[str],
-                           output_dir: str) -> Dict[str, Dict[str, float]]:
-    """COCO AP of ``model`` on ``dataset_name`` (novel annotations only) with the novel names as vocabulary,
-    and of the chance baseline. Returns ``{"zero_shot": {...}, "chance": {...}}`` (bbox and segm metrics).
+def evaluate_classes_by_name(cfg, model: nn.Module, dataset_name: str, names: Sequence[str],
+                             output_dir: str) -> Dict[str, Dict[str, float]]:
+    """COCO AP of ``model`` on ``dataset_name`` with the detection vocabulary set to the dataset's classes,
+    and of the chance baseline. Returns ``{"by_name": {...}, "chance": {...}}`` (bbox and segm metrics).
 
-    The vocabulary is the dataset's ``thing_classes`` (the novel names in category-id order): the evaluator
-    maps predicted class index i to the i-th of them, whatever order ``novel`` lists them in.
+    The vocabulary is the dataset's ``thing_classes`` (``names`` in category-id order): the evaluator maps
+    predicted class index i to the i-th of them, whatever order ``names`` lists them in. The model's
+    previous vocabulary is restored afterwards.
 
     Raises:
-        ValueError: ``novel`` is not the set of the dataset's classes.
+        ValueError: ``names`` is not the set of the dataset's classes.
     """
-    names = list(MetadataCatalog.get(dataset_name).thing_classes)
-    if sorted(names) != sorted(novel):
-        raise ValueError(f"evaluate_novel_classes: {dataset_name} has the classes {names}, expected the novel "
-                         f"classes {sorted(novel)}")
+    classes = list(MetadataCatalog.get(dataset_name).thing_classes)
+    if sorted(classes) != sorted(names):
+        raise ValueError(f"evaluate_classes_by_name: {dataset_name} has the classes {classes}, expected the "
+                         f"classes {sorted(names)}")
     previous = model.vocabulary("detection")
-    model.set_vocabulary("detection", names)
+    model.set_vocabulary("detection", classes)
     model.eval()
     results = {}
     try:
-        for name, evaluated in (("zero_shot", model), ("chance", RandomClassModel(model, len(novel)))):
+        for name, evaluated in (("by_name", model), ("chance", RandomClassModel(model, len(classes)))):
             loader = UP2Trainer.build_test_loader(cfg, dataset_name, task_type="detection")
             evaluator = build_evaluator(cfg, dataset_name, "detection", f"{output_dir}/{name}")
             raw = inference_on_dataset(evaluated, loader, evaluator)
@@ -69,3 +70,11 @@ def evaluate_novel_classes(cfg, model: nn.Module, dataset_name: str, novel: Sequ
         if previous:
             model.set_vocabulary("detection", previous)
     return results
+
+
+def evaluate_novel_classes(cfg, model: nn.Module, dataset_name: str, novel: Sequence[str],
+                           output_dir: str) -> Dict[str, Dict[str, float]]:
+    """:func:`evaluate_classes_by_name` on the novel classes, which the detection task never trained on:
+    returns ``{"zero_shot": {...}, "chance": {...}}``."""
+    results = evaluate_classes_by_name(cfg, model, dataset_name, novel, output_dir)
+    return {"zero_shot": results["by_name"], "chance": results["chance"]}
