@@ -138,3 +138,20 @@ def test_chance_model_keeps_boxes_and_scores_and_draws_classes(shapes_split, gro
         assert torch.equal(t["instances"].scores, c["instances"].scores)
     again = torch.cat([c["instances"].pred_classes for c in RandomClassModel(model, 3, seed=0)(inputs)])
     assert torch.equal(drawn, again)
+
+
+def test_two_stage_configs_chain_and_keep_novel_shapes_out_of_detection_only():
+    """Stage 2 starts from stage 1's final weights; only its detection task trains on the seen split, while
+    classification (both stages) and captioning train on data that names every shape."""
+    from up2.config import get_task_entries, load_config
+
+    configs = os.path.join(PROJECT, "configs")
+    stage1 = load_config(os.path.join(configs, "open_vocab_shapes_stage1.yaml"), [])
+    stage2 = load_config(os.path.join(configs, "open_vocab_shapes_stage2.yaml"), [])
+    assert stage2.MODEL.WEIGHTS == os.path.join(stage1.OUTPUT_DIR, "model_final.pth")
+    assert stage2.OUTPUT_DIR != stage1.OUTPUT_DIR
+    first = {entry.name: entry.train_datasets for entry in get_task_entries(stage1)}
+    second = {entry.name: entry.train_datasets for entry in get_task_entries(stage2)}
+    assert first == {"classification": ("shapes_cls_train",)}
+    assert second == {"detection": ("shapes_det_train_seen",), "classification": ("shapes_cls_train",),
+                      "captioning": ("shapes_caption_train",)}
