@@ -6,6 +6,10 @@ novel ones by name and compare with a chance baseline.
         [--config-file projects/OpenVocabDetection/configs/open_vocab_shapes.yaml] \
         [--novel hexagon heart arrow] [--eval-only --weights output/open_vocab_shapes/model_final.pth] [KEY VALUE ...]
 
+The measured two-stage schedule (README): ``train_net.py --config-file
+projects/OpenVocabDetection/configs/open_vocab_shapes_stage1.yaml`` (classification alone), then this script
+with ``--config-file projects/OpenVocabDetection/configs/open_vocab_shapes_stage2.yaml`` (from its weights).
+
 Needs the `shapes` dataset (``make shapes``). Writes ``OUTPUT_DIR/open_vocab_results.json``: the novel
 classes detected by name (``zero_shot``) and by chance (``chance``), their AP50 ratios, and for comparison
 the seen classes detected with the seen vocabulary (``seen_classes``: ``by_name`` and ``chance``).
