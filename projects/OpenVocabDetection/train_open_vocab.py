@@ -28,9 +28,8 @@ import up2.modeling  # noqa: E402,F401
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
-from open_vocab import NOVEL_CLASSES_DEFAULT, evaluate_classes_by_name, evaluate_novel_classes  # noqa: E402
-from open_vocab import register_open_vocab_split  # noqa: E402
-from open_vocab import write_open_vocab_split  # noqa: E402
+from open_vocab import (NOVEL_CLASSES_DEFAULT, evaluate_classes_by_name, evaluate_novel_classes,  # noqa: E402
+                        register_open_vocab_split, write_open_vocab_split)
 from up2.config import load_config  # noqa: E402
 from up2.data.datasets.builtin import get_datasets_root  # noqa: E402
 from up2.engine import UP2Trainer  # noqa: E402
