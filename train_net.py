@@ -12,13 +12,13 @@ a multi-task run exactly where it stopped (same batches and random numbers, see 
 import logging
 
 import up2  # noqa: F401  (applies Detectron2 compatibility fixes; must precede detectron2 imports)
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 import up2.data  # noqa: F401  (registers the built-in datasets)
 import up2.modeling  # noqa: F401  (registers up2's meta-architectures, backbones and parts)
+from up2.checkpoint import AtomicCheckpointer
 from up2.config import load_config, get_task_entries
 from up2.engine import UP2Trainer, launch, write_eval_results
 
@@ -39,7 +39,7 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = UP2Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         results = UP2Trainer.test(cfg, model)
         write_eval_results(cfg.OUTPUT_DIR, results)
         return results

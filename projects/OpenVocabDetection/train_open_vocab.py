@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import up2  # noqa: E402,F401  (before detectron2)
 import up2.data  # noqa: E402,F401
 import up2.modeling  # noqa: E402,F401
-from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
+from up2.checkpoint import AtomicCheckpointer  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from open_vocab import (NOVEL_CLASSES_DEFAULT, evaluate_classes_by_name, evaluate_novel_classes,  # noqa: E402
@@ -60,7 +60,7 @@ def main(argv=None):
 
     if args.eval_only:
         model = UP2Trainer.build_model(cfg)
-        DetectionCheckpointer(model).load(args.weights)
+        AtomicCheckpointer(model).load(args.weights)
     else:
         trainer = UP2Trainer(cfg)
         trainer.resume_or_load(resume=False)

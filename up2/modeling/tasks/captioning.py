@@ -71,8 +71,9 @@ class CaptioningTask(TaskHead):
         """Logits of the training sequence.
 
         Returns:
-            tuple: logits (B, T, V) of placeholders ``<spe>_0..<spe>_{T-1}`` and targets (B, T) (the words
-            w_0..w_{T-1}: caption tokens after ``<s>``, ending with ``</s>``; -100 at padding).
+            tuple: logits (B, T, S) of placeholders ``<spe>_0..<spe>_{T-1}`` over the target tokens and
+            targets (B, T): the token ids of the words w_0..w_{T-1} (caption tokens after ``<s>``, ending
+            with ``</s>``; -100 at padding).
         """
         text = model.text_encoder.tokenize(captions)
         ids, mask = text["input_ids"], text["attention_mask"]
@@ -92,6 +93,8 @@ class CaptioningTask(TaskHead):
 
     def losses(self, model, batched_inputs: List[Dict]) -> Dict[str, torch.Tensor]:
         logits, targets = self.teacher_forced_logits(model, batched_inputs, [x["caption"] for x in batched_inputs])
+        # token ids -> indices among the target tokens (words outside a restricted set are not scored)
+        targets = model.targets.token_indices(self.task_type, targets)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         return {"loss_captioning": loss}
 
@@ -115,6 +118,7 @@ class CaptioningTask(TaskHead):
         model.decoder(self.task_type, [image_segment(image["tokens"], image["padding_mask"], SIDE_INPUT)],
                       cache=cache)
         banned = torch.tensor(self._banned_tokens(model), dtype=torch.long, device=model.device)
+        vocab_size = len(model.text_encoder.tokenizer)
         state = {"cache": cache, "image_padding": image["padding_mask"],
                  "prefix": torch.zeros((batch, 0), dtype=torch.long, device=model.device)}
 
@@ -132,6 +136,8 @@ class CaptioningTask(TaskHead):
             out = model.decoder(self.task_type, segments, attn_mask=plan.attn_mask, prepend_spe=False,
                                 cache=state["cache"], cache_keep=plan.num_keep)
             logits = vocabulary_logits(model, self.task_type, out.hidden[:, -1]).float()
+            # over the whole tokenizer vocabulary (-inf outside a restricted target set)
+            logits = model.targets.full_vocabulary_scores(self.task_type, logits, vocab_size)
             logits[:, banned] = float("-inf")
             return logits.log_softmax(-1), dict(state, prefix=prefix)
 

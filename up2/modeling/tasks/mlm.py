@@ -120,22 +120,33 @@ class MLMTask(TaskHead):
     def _logits(self, model, masked, attention_mask, targets):
         features = model.text_encoder.projection(model.text_encoder.encode_ids(masked, attention_mask))
         hidden = model.decoder(self.task_type, [text_segment(features, attention_mask, SIDE_INPUT)]).hidden[:, 1:]
-        return vocabulary_logits(model, self.task_type, hidden[targets != -100])  # (M, V)
+        return vocabulary_logits(model, self.task_type, hidden[targets != -100])  # (M, S)
 
     def losses(self, model, batched_inputs: List[Dict]) -> Dict[str, torch.Tensor]:
         masked, targets, attention_mask = self._masked_batch(model, batched_inputs)
         logits = self._logits(model, masked, attention_mask, targets)
-        return {"loss_mlm": F.cross_entropy(logits.float(), targets[targets != -100])}
+        indices = model.targets.token_indices(self.task_type, targets[targets != -100])
+        if not bool((indices != -100).any()):  # every masked token outside a restricted target set
+            return {"loss_mlm": logits.sum() * 0.0}
+        return {"loss_mlm": F.cross_entropy(logits.float(), indices, ignore_index=-100)}
 
     def inference(self, model, batched_inputs: List[Dict]) -> List[Dict]:
-        """Per text: ``mlm_predictions`` and ``mlm_targets`` (M_i,) token ids at its masked positions and
-        ``mlm_target_log_probs`` (M_i,) (for perplexity)."""
+        """Per text, at its M_i masked positions: ``mlm_predictions`` and ``mlm_targets`` (M_i,) token ids,
+        ``mlm_target_log_probs`` (M_i,) (for perplexity; -inf for a target outside a restricted target set)
+        and ``mlm_target_in_vocabulary`` (M_i,) bool (the target is one of the scored tokens)."""
         masked, targets, attention_mask = self._masked_batch(model, batched_inputs)
         log_probs = self._logits(model, masked, attention_mask, targets).float().log_softmax(-1)
         flat_targets = targets[targets != -100]
+        indices = model.targets.token_indices(self.task_type, flat_targets)
+        in_vocabulary = indices != -100
+        target_log_probs = log_probs.gather(1, indices.clamp(min=0)[:, None])[:, 0]
+        target_log_probs = target_log_probs.masked_fill(~in_vocabulary, float("-inf"))
+        predictions = log_probs.argmax(-1)
+        ids = model.targets.vocabulary_ids(self.task_type)
+        if ids is not None:
+            predictions = ids.to(predictions.device)[predictions]
         counts = (targets != -100).sum(1).tolist()
-        outputs = []
-        for lp, tg in zip(log_probs.split(counts), flat_targets.split(counts)):
-            outputs.append({"mlm_predictions": lp.argmax(-1), "mlm_targets": tg,
-                            "mlm_target_log_probs": lp.gather(1, tg[:, None])[:, 0]})
-        return outputs
+        return [{"mlm_predictions": pred, "mlm_targets": tg, "mlm_target_log_probs": lp,
+                 "mlm_target_in_vocabulary": inside}
+                for pred, tg, lp, inside in zip(predictions.split(counts), flat_targets.split(counts),
+                                                target_log_probs.split(counts), in_vocabulary.split(counts))]

@@ -16,8 +16,16 @@ Cost and choices (vocabulary, the expensive set: V sequences of 3 tokens through
 * inference: target embeddings are cached (per task, target set and parameter version: any in-place
   update of a parameter, such as an optimizer step or ``load_state_dict``, invalidates the cache); a
   class list is encoded once per evaluation, the vocabulary once per evaluation.
+
+Target vocabulary (``MODEL.UP2.HEAD.TARGET_VOCABULARY``): captioning and MLM score either every token of
+the tokenizer ("full", the paper's setting) or a set of token ids per task ("training_texts": the tokens
+that occur in the task's training texts, plus the end token; set by the trainer from the datasets). The
+sets are buffers of this module (``captioning_vocabulary``, ``mlm_vocabulary``), so they are saved with
+the weights and restored by the checkpointer (which resizes them to the checkpoint's), and the predictor,
+``demo/demo.py`` and ``--eval-only`` use the trained set without reading any dataset. An empty buffer
+means the full vocabulary. Logits then range over the set: index i is token ``vocabulary_ids(task)[i]``.
 """
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -27,7 +35,11 @@ from up2.modeling.decoder.unified_decoder import text_segment
 from up2.modeling.distributed import all_gather_with_grad, world_info
 from up2.modeling.moe import SIDE_TARGET
 
-__all__ = ["TargetEncoder", "check_class_names"]
+__all__ = ["TargetEncoder", "check_class_names", "VOCABULARY_TASKS", "TARGET_VOCABULARY_CHOICES"]
+
+# Tasks whose targets are vocabulary tokens, and the choices of MODEL.UP2.HEAD.TARGET_VOCABULARY.
+VOCABULARY_TASKS = ("captioning", "mlm")
+TARGET_VOCABULARY_CHOICES = ("full", "training_texts")
 
 
 def check_class_names(task: str, names: Sequence[str]) -> List[str]:
@@ -61,14 +73,81 @@ class TargetEncoder(nn.Module):
             in training; the networks still change them through the other tasks' updates).
     """
 
-    def __init__(self, vocab_chunk_size: int = 4096, checkpoint_chunks: bool = True, class_targets_grad: bool = True):
+    # buffers whose size comes from the checkpoint (the checkpointer resizes them before loading)
+    variable_size_buffers = tuple(f"{task}_vocabulary" for task in VOCABULARY_TASKS)
+
+    def __init__(self, vocab_chunk_size: int = 4096, checkpoint_chunks: bool = True, class_targets_grad: bool = True,
+                 target_vocabulary: str = "full"):
         super().__init__()
         if vocab_chunk_size < 1:
             raise ValueError(f"MODEL.UP2.HEAD.VOCAB_CHUNK_SIZE must be >= 1, got {vocab_chunk_size}")
+        if target_vocabulary not in TARGET_VOCABULARY_CHOICES:
+            raise ValueError(f"MODEL.UP2.HEAD.TARGET_VOCABULARY: unknown value {target_vocabulary!r}; expected one "
+                             f"of {list(TARGET_VOCABULARY_CHOICES)}")
         self.vocab_chunk_size = vocab_chunk_size
         self.checkpoint_chunks = checkpoint_chunks
         self.class_targets_grad = class_targets_grad
+        self.target_vocabulary = target_vocabulary
+        for name in self.variable_size_buffers:
+            self.register_buffer(name, torch.zeros(0, dtype=torch.long))
         self._cache: Dict[Tuple, Tuple[int, torch.Tensor]] = {}
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # the sets take the size they were saved with (also for a plain ``model.load_state_dict``)
+        for name in self.variable_size_buffers:
+            saved = state_dict.get(prefix + name)
+            if torch.is_tensor(saved) and saved.shape != getattr(self, name).shape:
+                setattr(self, name, torch.empty_like(saved, device=getattr(self, name).device))
+        self.clear_cache()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # ------------------------------------------------------------------ vocabulary sets
+    def set_vocabulary_ids(self, task: str, token_ids: Sequence[int], vocab_size: int):
+        """Restricts the vocabulary targets of ``task`` to ``token_ids`` (sorted, duplicates removed).
+
+        Raises:
+            ValueError: another task, an empty set (naming the task), or ids outside [0, vocab_size).
+        """
+        if task not in VOCABULARY_TASKS:
+            raise ValueError(f"Task {task!r} has no vocabulary targets; expected one of {list(VOCABULARY_TASKS)}")
+        ids = torch.as_tensor(sorted({int(i) for i in token_ids}), dtype=torch.long)
+        if ids.numel() == 0:
+            raise ValueError(f"The target vocabulary of task '{task}' is empty: its training texts gave no token; "
+                             "check the task's TRAIN_DATASETS or set MODEL.UP2.HEAD.TARGET_VOCABULARY 'full'")
+        if int(ids[0]) < 0 or int(ids[-1]) >= vocab_size:
+            raise ValueError(f"The target vocabulary of task '{task}' has ids outside [0, {vocab_size}): "
+                             f"{[int(i) for i in ids if not 0 <= int(i) < vocab_size][:5]}")
+        buffer = getattr(self, f"{task}_vocabulary")
+        setattr(self, f"{task}_vocabulary", ids.to(buffer.device))
+        self.clear_cache()
+
+    def vocabulary_ids(self, task: str) -> Optional[torch.Tensor]:
+        """(S,) token ids that ``task``'s logits range over, or None for the full tokenizer vocabulary."""
+        if task not in VOCABULARY_TASKS:
+            return None
+        ids = getattr(self, f"{task}_vocabulary")
+        return ids if ids.numel() else None
+
+    def token_indices(self, task: str, token_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids (any shape) -> their index among ``task``'s logits; -100 where a token is outside the
+        set (and where ``token_ids`` is -100 already)."""
+        ids = self.vocabulary_ids(task)
+        if ids is None:
+            return token_ids
+        ids = ids.to(token_ids.device)
+        position = torch.searchsorted(ids, token_ids.clamp(min=0))
+        found = (position < ids.numel()) & (ids[position.clamp(max=ids.numel() - 1)] == token_ids)
+        return torch.where(found & (token_ids >= 0), position, torch.full_like(token_ids, -100))
+
+    def full_vocabulary_scores(self, task: str, scores: torch.Tensor, vocab_size: int,
+                               fill: float = float("-inf")) -> torch.Tensor:
+        """(..., S) scores over ``task``'s set -> (..., vocab_size) with ``fill`` at tokens outside it."""
+        ids = self.vocabulary_ids(task)
+        if ids is None:
+            return scores
+        full = scores.new_full(scores.shape[:-1] + (vocab_size,), fill)
+        full[..., ids.to(scores.device)] = scores
+        return full
 
     def clear_cache(self):
         self._cache.clear()
@@ -103,17 +182,22 @@ class TargetEncoder(nn.Module):
         return self._cached(("classes", task, tuple(names)), (text_encoder, decoder), compute)
 
     def vocabulary_embeddings(self, text_encoder, decoder, task: str) -> torch.Tensor:
-        """(V, d) ``<SPE>`` outputs of every token of the tokenizer's vocabulary."""
-        return self._cached(("vocabulary", task), (text_encoder, decoder),
+        """(S, d) ``<SPE>`` outputs of the target tokens of ``task``: the set of :meth:`vocabulary_ids`, or
+        every token of the tokenizer's vocabulary (S = V)."""
+        ids = self.vocabulary_ids(task)  # a loaded or replaced set invalidates the cache
+        key = ("vocabulary", task) if ids is None else ("vocabulary", task, ids.data_ptr(), ids._version, ids.numel())
+        return self._cached(key, (text_encoder, decoder),
                             lambda: self._encode_vocabulary(text_encoder, decoder, task))
 
     def _encode_vocabulary(self, text_encoder, decoder, task: str) -> torch.Tensor:
-        tokenizer = text_encoder.tokenizer
-        vocab_size, device = len(tokenizer), text_encoder.device
+        device = text_encoder.device
         bos, eos = text_encoder.bos_token_id, text_encoder.eos_token_id
+        all_ids = self.vocabulary_ids(task)
+        if all_ids is None:
+            all_ids = torch.arange(len(text_encoder.tokenizer), device=device)
         world, rank = world_info() if self.training else (1, 0)
-        per_rank = -(-vocab_size // world)
-        ids = torch.arange(rank * per_rank, min(vocab_size, (rank + 1) * per_rank), device=device)
+        per_rank = -(-all_ids.numel() // world)
+        ids = all_ids.to(device)[rank * per_rank:(rank + 1) * per_rank]
         outputs = []
         for chunk in ids.split(self.vocab_chunk_size):
             input_ids = torch.stack([torch.full_like(chunk, bos), chunk, torch.full_like(chunk, eos)], dim=1)

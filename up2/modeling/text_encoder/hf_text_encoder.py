@@ -9,6 +9,7 @@ from detectron2.config import configurable
 from torch import nn
 
 from up2.modeling.build import TEXT_ENCODER_REGISTRY
+from up2.utils.paths import resolve_path
 
 __all__ = ["HFTextEncoder", "load_hf_tokenizer"]
 
@@ -24,26 +25,10 @@ def _offline_hint(name: str) -> str:
             f"MODEL.UP2.TEXT_ENCODER.NAME to DIR (or copy the HF cache, ~/.cache/huggingface).")
 
 
-DATASETS_PREFIX = "datasets://"
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-
 def resolve_model_path(name: str) -> str:
-    """Hugging Face name or directory -> what ``from_pretrained`` gets.
-
-    ``datasets://REL`` is ``$DETECTRON2_DATASETS/REL`` (default ``./datasets``; e.g. the tokenizer that
-    ``python -m up2.data.shapes`` writes); a relative directory that does not exist from the working
-    directory is looked up from the repository root (configs ship small model configs); anything else
-    is returned unchanged (a hub name).
-    """
-    if name.startswith(DATASETS_PREFIX):
-        root = os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
-        return os.path.join(root, name[len(DATASETS_PREFIX):])
-    if name and not os.path.isabs(name) and not os.path.exists(name):
-        candidate = os.path.join(_REPO_ROOT, name)
-        if os.path.isdir(candidate):
-            return candidate
-    return name
+    """Hugging Face name or directory -> what ``from_pretrained`` gets (``datasets://``, ``package://`` and
+    repository-relative directories resolved by :func:`up2.utils.paths.resolve_path`)."""
+    return resolve_path(name)
 
 
 def load_hf_tokenizer(name: str):
@@ -77,6 +62,34 @@ def _load_hf_encoder(name: str, pretrained: bool) -> nn.Module:
         raise OSError(f"Cannot load the text encoder: {_offline_hint(name)} ({error})") from error
 
 
+def freeze_encoder_layers(encoder: nn.Module, freeze_at: int) -> List[nn.Parameter]:
+    """Freezes the bottom of a Hugging Face encoder, as Detectron2's ``MODEL.BACKBONE.FREEZE_AT`` does for
+    a ResNet: 0 freezes nothing, 1 the embeddings, k >= 2 the embeddings and the first k - 1 transformer
+    layers. Frozen parts get no gradient, so the backward pass stops above them.
+
+    Returns:
+        the frozen parameters.
+
+    Raises:
+        ValueError: ``freeze_at`` outside [0, number of layers + 1], or an encoder without the
+            ``embeddings`` / ``encoder.layer`` layout of BERT-type models.
+    """
+    if freeze_at == 0:
+        return []
+    layers = getattr(getattr(encoder, "encoder", None), "layer", None)
+    embeddings = getattr(encoder, "embeddings", None)
+    if layers is None or embeddings is None:
+        raise ValueError(f"MODEL.UP2.TEXT_ENCODER.FREEZE_AT {freeze_at}: {type(encoder).__name__} has no "
+                         "'embeddings' and 'encoder.layer' (BERT/RoBERTa layout); use 0")
+    if not 0 <= freeze_at <= len(layers) + 1:
+        raise ValueError(f"MODEL.UP2.TEXT_ENCODER.FREEZE_AT must be in [0, {len(layers) + 1}] for this "
+                         f"{len(layers)}-layer encoder, got {freeze_at}")
+    frozen = list(embeddings.parameters()) + [p for layer in layers[:freeze_at - 1] for p in layer.parameters()]
+    for parameter in frozen:
+        parameter.requires_grad_(False)
+    return frozen
+
+
 @TEXT_ENCODER_REGISTRY.register()
 class HFTextEncoder(nn.Module):
     """Tokenises strings and encodes them with a Hugging Face encoder, then projects to ``output_dim``.
@@ -90,7 +103,8 @@ class HFTextEncoder(nn.Module):
     """
 
     @configurable
-    def __init__(self, *, name: str, tokenizer_name: str, pretrained: bool, max_length: int, output_dim: int):
+    def __init__(self, *, name: str, tokenizer_name: str, pretrained: bool, max_length: int, output_dim: int,
+                 freeze_at: int = 0):
         super().__init__()
         self.tokenizer = load_hf_tokenizer(tokenizer_name or name)
         # Parameters live under "encoder." so that SOLVER.UP2.ENCODER_PARAM_PREFIXES finds them.
@@ -98,14 +112,17 @@ class HFTextEncoder(nn.Module):
         self.max_length = max_length
         hidden = self.encoder.config.hidden_size
         self.projection = nn.Linear(hidden, output_dim)
-        logger.info("Text encoder %s (%s weights, hidden %d -> %d, vocabulary %d)", name,
-                    "pretrained" if pretrained else "random", hidden, output_dim, len(self.tokenizer))
+        self.frozen = freeze_encoder_layers(self.encoder, freeze_at)
+        logger.info("Text encoder %s (%s weights, hidden %d -> %d, vocabulary %d, %d parameters frozen)", name,
+                    "pretrained" if pretrained else "random", hidden, output_dim, len(self.tokenizer),
+                    sum(p.numel() for p in self.frozen))
 
     @classmethod
     def from_config(cls, cfg):
         text = cfg.MODEL.UP2.TEXT_ENCODER
         return {"name": text.NAME, "tokenizer_name": text.TOKENIZER, "pretrained": text.PRETRAINED,
-                "max_length": text.MAX_LENGTH, "output_dim": cfg.MODEL.UP2.DECODER.HIDDEN_DIM}
+                "max_length": text.MAX_LENGTH, "output_dim": cfg.MODEL.UP2.DECODER.HIDDEN_DIM,
+                "freeze_at": text.FREEZE_AT}
 
     @property
     def device(self) -> torch.device:
