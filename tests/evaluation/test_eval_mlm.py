@@ -40,7 +40,7 @@ def test_evaluator_without_log_probs_has_no_perplexity():
     evaluator = MLMEvaluator()
     evaluator.process([{"text_id": 0}],
                       [{"mlm_predictions": torch.tensor([1, 2]), "mlm_targets": torch.tensor([1, 1])}])
-    assert evaluator.evaluate() == {"mlm": {"accuracy": 50.0}}
+    assert evaluator.evaluate() == {"mlm": {"accuracy": 50.0, "vocabulary_coverage": 100.0}}
 
 
 def test_length_mismatch_raises():
