@@ -11,7 +11,6 @@ Input normalisation is the model's, not the backbone's: ``MODEL.PIXEL_MEAN`` / `
 ``[127.5] * 3`` / ``[127.5] * 3`` for TF-ported EfficientNet-Lite weights (inputs in [-1, 1]) and
 ``[123.675, 116.28, 103.53]`` / ``[58.395, 57.12, 57.375]`` for ImageNet-statistics weights.
 """
-import logging
 import math
 from typing import Dict, List, Optional, Sequence
 
