@@ -22,7 +22,6 @@ from up2.checkpoint.backbone_weights import load_backbone_weights
 
 __all__ = ["TimmBackbone", "build_timm_backbone", "STAGE_NAMES"]
 
-logger = logging.getLogger(__name__)
 
 # Detectron2 names of the stages of stride 4, 8, 16, 32.
 STAGE_NAMES = ("res2", "res3", "res4", "res5")
