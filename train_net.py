@@ -7,7 +7,9 @@
 
 ``--num-gpus N`` starts N processes (NCCL on GPUs; gloo on CPU-only machines). ``--eval-only``
 writes ``OUTPUT_DIR/eval_results.json`` = ``{dataset_name: {metric: value}}``. ``--resume`` continues
-a multi-task run exactly where it stopped (same batches and random numbers, see ``up2.engine.resume``).
+a multi-task run exactly where it stopped (same batches and random numbers, see ``up2.engine.resume``),
+also after SIGTERM / SIGUSR1, which stop training with a checkpoint (exit status 143 / 138). A
+``MODEL.WEIGHTS`` that does not fit the model is an error (``MODEL.UP2.WEIGHTS_STRICT``).
 """
 import logging
 
@@ -39,7 +41,8 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = UP2Trainer.build_model(cfg)
-        AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        checkpointer = AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR, strict=cfg.MODEL.UP2.WEIGHTS_STRICT)
+        checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         results = UP2Trainer.test(cfg, model)
         write_eval_results(cfg.OUTPUT_DIR, results)
         return results

@@ -36,7 +36,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 from _prepare_common import add_common_arguments, atomic_write_json, file_digest, logger, progress, setup_logging
 
-INDEX_FORMAT = "up2-image-text-shards"  # read by up2/data/shards.py
+INDEX_FORMAT = "up2-image-text-shards"  # read by up2/data/shard_layouts.py
 INDEX_VERSION = 1
 INDEX_FILE_NAME = "shards.json"
 SKIP_REASONS = ("missing_image", "unreadable_image", "empty_caption")

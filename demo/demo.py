@@ -63,7 +63,7 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def parse_vocabulary(text: Optional[str], parser: argparse.ArgumentParser) -> Optional[List[str]]:
-    """'cat, dog' -> ['cat', 'dog']; an empty list or an empty name is a usage error."""
+    """'cat, dog' -> ['cat', 'dog']; an empty list, an empty name or a name given twice is a usage error."""
     if text is None:
         return None
     names = [name.strip() for name in text.split(",")]
@@ -72,12 +72,26 @@ def parse_vocabulary(text: Optional[str], parser: argparse.ArgumentParser) -> Op
     empty = [i + 1 for i, name in enumerate(names) if not name]
     if empty:
         parser.error(f"--vocabulary {text!r} has an empty class name at position(s) {empty}")
+    repeated = sorted({name for name in names if names.count(name) > 1}, key=names.index)
+    if repeated:
+        parser.error(f"--vocabulary {text!r} names {repeated} more than once: each class name must be unique")
     return names
+
+
+def check_texts(texts: Optional[List[str]], parser: argparse.ArgumentParser):
+    """Every ``--texts`` entry must hold some text (an empty one is a usage error naming its position)."""
+    if texts is None:
+        return
+    empty = [i + 1 for i, text in enumerate(texts) if not text.strip()]
+    if empty:
+        parser.error(f"--texts has an empty text at position(s) {empty}: give each text to rank as a non-empty "
+                     "quoted argument, e.g. --texts 'a dog on a beach' 'a plate of food'")
 
 
 def check_args(args, parser: argparse.ArgumentParser) -> Optional[List[str]]:
     """Validates the task-specific options; returns the vocabulary."""
     vocabulary = parse_vocabulary(args.vocabulary, parser)
+    check_texts(args.texts, parser)
     if vocabulary is not None and args.task not in VOCABULARY_TASKS:
         parser.error(f"--vocabulary applies to {list(VOCABULARY_TASKS)}, not --task {args.task}")
     if args.texts is not None and args.task != "retrieval":

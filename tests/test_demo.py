@@ -1,6 +1,7 @@
 """demo/demo.py on real photos (scikit-image's or matplotlib's sample images) with a tiny random
 UniPerceiverV2 saved as a checkpoint: one PNG of the input's size per image and task, drawn over the photo;
-missing and corrupt inputs are named and skipped; an empty vocabulary is rejected."""
+missing and corrupt inputs are named and skipped; an empty or repeated class name and an empty text are
+usage errors before any model loads."""
 import importlib.util
 import logging
 import os
@@ -167,3 +168,21 @@ def test_empty_vocabulary_rejected(demo, setup, tmp_path, capsys, vocabulary, me
         demo.main(args(setup, [setup[2]], tmp_path, "detection", "--vocabulary", vocabulary))
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--task", "detection", "--vocabulary", "cat,dog,cat"], "names ['cat'] more than once"),
+    (["--task", "classification", "--vocabulary", "cat, dog,dog ,cat"], "names ['cat', 'dog'] more than once"),
+    (["--task", "retrieval", "--texts", "a dog", ""], "--texts has an empty text at position(s) [2]"),
+    (["--task", "retrieval", "--texts", "  ", "a dog", "\t"], "--texts has an empty text at position(s) [1, 3]"),
+])
+def test_bad_text_arguments_are_usage_errors_before_any_model_loads(demo, tmp_path, capsys, monkeypatch, extra,
+                                                                     message):
+    monkeypatch.setattr(demo, "UP2Predictor", lambda cfg: pytest.fail("the model was loaded before the check"))
+    monkeypatch.setattr(demo, "setup_cfg", lambda args: pytest.fail("the config was read before the check"))
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--config-file", str(tmp_path / "unread.yaml"), "--input", str(tmp_path / "unread.jpg"),
+                   "--output", str(tmp_path / "out"), *extra])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

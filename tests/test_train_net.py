@@ -1,4 +1,5 @@
-"""train_net.py: Detectron2's command line, CPU multi-process training, eval_results.json."""
+"""train_net.py: Detectron2's command line, CPU multi-process training, eval_results.json; weights of another
+model and a missing dataset root are errors that say what to do."""
 import json
 import os
 import subprocess
@@ -63,3 +64,30 @@ def test_two_cpu_processes_train_then_eval_only(tiny_shapes, tmp_path):
     results_again = json.loads((eval_dir / "eval_results.json").read_text())
     assert results_again["shapes_det_val"]["bbox/AP"] == pytest.approx(results["shapes_det_val"]["bbox/AP"], abs=1e-6)
     assert "segm/AP" in results_again["shapes_det_val"]
+
+
+@pytest.mark.slow
+def test_eval_only_refuses_weights_of_another_model(tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+    import torch
+
+    weights = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
+    result = run(["train_net.py", "--config-file", BASELINE, "--eval-only", "MODEL.WEIGHTS", str(weights),
+                  "OUTPUT_DIR", str(tmp_path / "eval")])
+    assert result.returncode != 0
+    assert f"{weights} does not fit the model" in result.stderr
+    assert "tensor(s) in it that the model does not have: conv1.weight" in result.stderr
+    assert not (tmp_path / "eval" / "eval_results.json").exists()
+
+
+@pytest.mark.slow
+def test_missing_dataset_root_says_how_to_make_it(tmp_path):
+    missing = str(tmp_path / "nonexistent")
+    result = run(["train_net.py", "--config-file", os.path.join(REPO, "configs", "shapes", "up2_multitask_R18.yaml"),
+                  "OUTPUT_DIR", str(tmp_path / "run"), "SOLVER.MAX_ITER", "1"], env={"DETECTRON2_DATASETS": missing})
+    assert result.returncode != 0
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert f"DETECTRON2_DATASETS='{missing}'" in last_line
+    assert f"python -m up2.data.shapes --out {missing}/shapes --seed 0" in last_line
+    assert "hub" not in last_line

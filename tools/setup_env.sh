@@ -7,9 +7,10 @@
 #   1. a virtual environment (.venv) unless $VIRTUAL_ENV is set;
 #   2. PyTorch + torchvision (torch==2.14.1 torchvision==0.29.1) unless a working pair is importable;
 #   3. Detectron2: an existing `import detectron2` is kept (e.g. the official build from git); otherwise
-#      the `pb1-detectron2==0.6` sdist (a re-upload of Detectron2 0.6 without its C++ sources) is built
-#      without C++ extensions, with a pure-Python `detectron2/_C.py` stand-in (tools/detectron2_C_standin.py)
-#      that raises a clear error if a C++ op is ever called;
+#      the `pb1-detectron2==0.6` sdist (a re-upload of Detectron2 0.6 without its C++ sources) is patched
+#      by tools/patch_detectron2_sdist.py (no C++ extension but a pure-Python `detectron2/_C.py` stand-in,
+#      tools/detectron2_C_standin.py; fixes for current Python, numpy and torch) and built with its
+#      runtime dependencies. A fallback build left by older versions of these tools is rebuilt;
 #   4. `pip install -e .` (up2 and its Python dependencies).
 # Prints the interpreter to use on stdout (and nothing else; logs go to stderr).
 set -euo pipefail
@@ -34,7 +35,10 @@ PIP=("$PY" -m pip --disable-pip-version-check)
 
 # Stamp: the hash of everything that decides what gets installed. Same stamp + imports work => done.
 STAMP_FILE="$("$PY" -c 'import sys; print(sys.prefix)')/.up2-setup-stamp"
-STAMP="$(cat tools/setup_env.sh tools/detectron2_C_standin.py setup.py | sha256sum | cut -d' ' -f1)"
+STAMP="$(cat tools/setup_env.sh tools/detectron2_C_standin.py tools/patch_detectron2_sdist.py setup.py \
+  | sha256sum | cut -d' ' -f1)"
+# The fallback Detectron2 build is identified by the hash of the two files that make it.
+D2_BUILD_ID="$(cat tools/detectron2_C_standin.py tools/patch_detectron2_sdist.py | sha256sum | cut -d' ' -f1)"
 if [[ -f "$STAMP_FILE" && "$(cat "$STAMP_FILE")" == "$STAMP" ]] \
    && "$PY" -c "import torch, torchvision, detectron2, up2" >/dev/null 2>&1; then
   log "environment up to date ($PY)"
@@ -53,26 +57,40 @@ fi
 # Detectron2 0.6 imports pkg_resources in model_zoo; setuptools >= 81 removed it.
 "${PIP[@]}" install -q "setuptools<81" wheel
 
-# 3. Detectron2
-if "$PY" -c "import detectron2" >/dev/null 2>&1; then
+# 3. Detectron2. Its state: "official" (any Detectron2 these tools did not build: always kept),
+# "current" (the fallback build of these very tools), "outdated" (a fallback build of older tools,
+# rebuilt) or "missing".
+D2_STATE="$("$PY" -c '
+import sys
+import detectron2
+try:
+    from detectron2 import _up2_fallback
+except ImportError:
+    try:  # the stand-in of older tools, or a compiled extension (that may fail to load)
+        from detectron2 import _C
+        ours = getattr(_C, "BUILT_WITHOUT_EXTENSION", False)
+    except Exception:
+        ours = False
+    print("outdated" if ours else "official")
+else:
+    print("current" if _up2_fallback.BUILD_ID == sys.argv[1] else "outdated")
+' "$D2_BUILD_ID" 2>/dev/null)" || D2_STATE=missing
+if [[ "$D2_STATE" == official || "$D2_STATE" == current ]]; then
   log "keeping the installed detectron2 $("$PY" -c 'import detectron2; print(detectron2.__version__)')"
 else
-  log "building Detectron2 0.6 (pb1-detectron2 sdist) without C++ extensions"
+  log "building Detectron2 0.6 (pb1-detectron2 sdist, patched) without C++ extensions ($D2_STATE)"
   BUILD_DIR="$(mktemp -d)"
   trap 'rm -rf "$BUILD_DIR"' EXIT
   "${PIP[@]}" download -q --no-deps --no-binary :all: --no-build-isolation \
       "pb1-detectron2==0.6" -d "$BUILD_DIR"
   tar -xzf "$BUILD_DIR"/pb1-detectron2-0.6.tar.gz -C "$BUILD_DIR"
   SRC="$BUILD_DIR/pb1-detectron2-0.6"
-  # No C++ sources ship in this sdist: build no extension, and install the pure-Python stand-in.
-  sed -i 's/^    ext_modules=get_extensions(),/    ext_modules=[],/' "$SRC/setup.py"
-  grep -q '^    ext_modules=\[\],' "$SRC/setup.py" || { log "could not patch $SRC/setup.py"; exit 1; }
-  cp tools/detectron2_C_standin.py "$SRC/detectron2/_C.py"
-  # Its install_requires pins black==21.4b2 and other dev tools; up2's setup.py lists what is needed.
-  "${PIP[@]}" install -q --no-deps --no-build-isolation "$SRC"
+  "$PY" tools/patch_detectron2_sdist.py "$SRC" "$D2_BUILD_ID"
+  # With its runtime dependencies (black for LazyConfig.to_py, pydot, future, ...).
+  "${PIP[@]}" install -q --no-build-isolation "$SRC"
 fi
 
-# 4. up2 itself (+ Detectron2's runtime dependencies, listed in setup.py)
+# 4. up2 itself and its dependencies
 log "installing up2 (pip install -e .)"
 "${PIP[@]}" install -q --no-build-isolation -e ".[dev]"
 

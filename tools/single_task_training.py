@@ -25,6 +25,7 @@ from detectron2.solver import build_lr_scheduler
 
 from up2.config import load_config, get_task_entries
 from up2.data.build import build_task_train_loader
+from up2.engine.target_vocabulary import set_training_vocabularies
 from up2.solver import build_optimizer
 
 logger = logging.getLogger("up2.single_task_training")
@@ -57,6 +58,7 @@ def train_one_task(cfg, task_name: str, iters: int, window: int = 10, seed: int 
     _, entry = find_task(cfg, task_name)
     torch.manual_seed(seed)
     model = build_model(cfg)
+    set_training_vocabularies(cfg, model)  # as the trainer: MODEL.UP2.HEAD.TARGET_VOCABULARY
     model.train()
     optimizer = build_optimizer(cfg, model)
     scheduler = build_lr_scheduler(cfg, optimizer)

@@ -52,6 +52,9 @@ def _add_model_config(cfg):
     cfg.MODEL.UP2.MSDA_IMPL = "auto"
     # Which image tokens enter the unified decoder: "both", "global" or "regional" (paper Table 2).
     cfg.MODEL.UP2.IMAGE_TOKENS = "both"
+    # MODEL.WEIGHTS must fit the model: a missing, unexpected or reshaped tensor is an error, unless the
+    # checkpoint declares the parts it initialises (converter outputs). False: Detectron2's lenient loading.
+    cfg.MODEL.UP2.WEIGHTS_STRICT = True
 
     # ---- Backbones. ResNets use Detectron2's MODEL.RESNETS.*; timm backbones ("build_timm_backbone",
     # "build_swin_backbone") use these keys.
@@ -270,6 +273,10 @@ def _add_datasets_config(cfg):
     cfg.DATASETS.UP2.IMAGE_TEXT_RANDOM_FLIP = False
     # Per-GPU batch size of the test loaders of non-detection tasks (detection always uses 1).
     cfg.DATASETS.UP2.TEST_BATCH_SIZE = 16
+    # Unreadable training samples (missing, truncated or undecodable images, shard samples without image
+    # or caption, corrupt shards) are skipped, replaced and counted (``skipped/<dataset>/*`` in
+    # metrics.json); more than this fraction of a dataset's samples bad stops the run naming the dataset.
+    cfg.DATASETS.UP2.MAX_BAD_SAMPLE_FRACTION = 0.01
 
 
 def _add_solver_config(cfg):
@@ -290,12 +297,21 @@ def _add_solver_config(cfg):
     # (UniPerceiverV2 keeps the image backbone under "image_encoder.backbone."; single-task Detectron2
     # meta-architectures under "backbone.".)
     cfg.SOLVER.UP2.ENCODER_PARAM_PREFIXES = ["image_encoder.backbone.", "backbone.", "text_encoder.encoder."]
+    # One multiplier per ENCODER_PARAM_PREFIXES entry (e.g. a pretrained text encoder tuned faster than
+    # the image backbone); empty: ENCODER_LR_MULTIPLIER for every prefix.
+    cfg.SOLVER.UP2.ENCODER_LR_MULTIPLIERS = []
     # Weight decay of embeddings and learnable temperatures.
     cfg.SOLVER.UP2.WEIGHT_DECAY_EMBED = 0.0
     # Task sampling: "unmixed" (one task per iteration for every GPU) or "mixed" (paper Table 4).
     cfg.SOLVER.UP2.SAMPLING = "unmixed"
     # Debug: all-gather the sampled task every step and fail loudly if ranks disagree.
     cfg.SOLVER.UP2.CHECK_TASK_AGREEMENT = False
+    # Periodic checkpoints (model_NNNNNNN.pth) kept in OUTPUT_DIR, the newest ones; 0 keeps them all.
+    # model_final.pth is always kept.
+    cfg.SOLVER.UP2.MAX_CHECKPOINTS_TO_KEEP = 3
+    # Signals that stop training after the current iteration with a checkpoint (exit status 128 + signal
+    # number; --resume continues exactly); empty: the signals keep their default action.
+    cfg.SOLVER.UP2.PREEMPTION_SIGNALS = ["SIGTERM", "SIGUSR1"]
     # Autocast dtype when SOLVER.AMP.ENABLED: "bfloat16" or "float16".
     cfg.SOLVER.UP2.AMP_DTYPE = "bfloat16"
 

@@ -1,5 +1,6 @@
 """Weight conversion: converted torchvision / timm weights give the same features as the source models;
 MaskDINO names land on the right up2 parameters (reordered where the layouts differ)."""
+import copy
 import logging
 import math
 import re
@@ -11,6 +12,7 @@ from detectron2.config import get_cfg
 from detectron2.modeling import ShapeSpec, build_model, build_resnet_backbone
 
 import up2.modeling  # noqa: F401
+from up2.checkpoint import AtomicCheckpointer
 from up2.checkpoint.convert import (compare_with_model, convert_state_dict, load_checkpoint_file, main,
                                     save_converted)
 from up2.config import add_up2_config
@@ -144,7 +146,8 @@ def test_official_layout_converts_through_the_cli(tmp_path, timm_swin, swin_back
     assert main(["--source", "official_swin", "--input", str(source), "--output", str(output), "--prefix", "swin.",
                  "--report"]) == 0
     saved = torch.load(output, weights_only=True)
-    assert set(saved) == {"model", "__author__", "matching_heuristics"}
+    assert set(saved) == {"model", "__author__", "matching_heuristics", "initialised_prefixes"}
+    assert saved["initialised_prefixes"] == ["swin."]
     swin_backbone.load_state_dict(saved["model"], strict=True)
     for key, value in timm_swin.state_dict().items():
         if not key.startswith("head."):
@@ -386,6 +389,15 @@ def test_maskdino_cli_report_lists_missing_model_keys(tmp_path, proposal_detecto
     assert "shape differs" not in text and "does not have" not in text
     saved = torch.load(output, weights_only=True)["model"]
     assert sorted(compare_with_model(saved, proposal_detector)["missing"]) == UP2_ONLY
+
+    # the output declares what it initialises: it loads strictly, the up2-only modules keep their values
+    declared = torch.load(output, weights_only=True)["initialised_prefixes"]
+    assert "backbone." in declared and not any(key.startswith(tuple(declared)) for key in UP2_ONLY)
+    model = copy.deepcopy(proposal_detector)
+    AtomicCheckpointer(model).load(str(output))
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in saved.items())
+    assert all(torch.equal(state[k], proposal_detector.state_dict()[k]) for k in UP2_ONLY)
 
 
 def test_maskdino_swin_backbone_and_unsupported_layouts(timm_swin):

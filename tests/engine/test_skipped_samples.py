@@ -1,5 +1,5 @@
-"""metrics.json reports the samples the streaming loaders skipped (up2.data.shards.skipped_samples) as
-``skipped/<dataset>/<reason>``, updated during training."""
+"""metrics.json reports the samples the loaders skipped (up2.data.bad_samples) as
+``skipped/<dataset>/<reason>`` and ``skipped/<dataset>/bad_fraction``, updated during training."""
 import json
 import os
 
@@ -8,13 +8,13 @@ from detectron2.config import get_cfg
 from detectron2.modeling import META_ARCH_REGISTRY
 
 from up2.config import add_up2_config
-from up2.data.shards import SkipCounter
+from up2.data.bad_samples import BadSampleTracker
 from up2.engine import UP2Trainer
 
 
 @META_ARCH_REGISTRY.register()
 class SkipCountingToyModel(torch.nn.Module):
-    """Scores text lengths; at its 25th call, counts one more skipped sample in ``counter``."""
+    """Scores text lengths; at its 25th call, records one more skipped sample in ``counter``."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -25,7 +25,7 @@ class SkipCountingToyModel(torch.nn.Module):
     def forward(self, batched_inputs):
         self.calls += 1
         if self.calls == 25:
-            self.counter.add("toy_shards", "missing_caption")
+            self.counter.skip(0, "missing_caption", "toy sample without caption", [7])
         lengths = torch.tensor([[len(x["text"]) / 100.0] for x in batched_inputs])
         return {"loss_mlm": self.head(lengths).pow(2).mean()}
 
@@ -41,8 +41,8 @@ def test_skipped_samples_reach_metrics_json(engine_shapes, tmp_path):
     cfg.SOLVER.MAX_ITER, cfg.SOLVER.WARMUP_ITERS, cfg.SOLVER.STEPS = 30, 0, ()
     cfg.SOLVER.CHECKPOINT_PERIOD, cfg.TEST.EVAL_PERIOD, cfg.SEED = 1000, 0, 0
     cfg.OUTPUT_DIR = str(tmp_path)
-    counter = SkipCounter(["toy_shards"])  # what a streaming loader holds
-    counter.add("toy_shards", "unreadable_image", count=3)
+    counter = BadSampleTracker(["toy_shards"], [1000])  # what a loader holds
+    counter.skip(0, "unreadable_image", "three toy images", [1, 2, 3])
     trainer = UP2Trainer(cfg)
     trainer.model.counter = counter
     trainer.train()
@@ -52,3 +52,5 @@ def test_skipped_samples_reach_metrics_json(engine_shapes, tmp_path):
     assert "skipped/toy_shards/missing_caption" not in records[19]
     assert records[29]["skipped/toy_shards/unreadable_image"] == 3
     assert records[29]["skipped/toy_shards/missing_caption"] == 1
+    assert records[19]["skipped/toy_shards/bad_fraction"] == 3 / 1000
+    assert records[29]["skipped/toy_shards/bad_fraction"] == 4 / 1000

@@ -111,6 +111,25 @@ def test_no_encoder_prefixes_and_string_rejected():
         _groups(Small(), encoder_prefixes="backbone.")
 
 
+def test_one_multiplier_per_prefix():
+    """ENCODER_LR_MULTIPLIERS: the backbone at 0.1x, the text encoder at 0.5x, the rest at base lr."""
+    model = Small()
+    groups = _groups(model, encoder_prefixes=("backbone.", "text_encoder.encoder."), encoder_lr_multiplier=[0.1, 0.5])
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        expected = LR * 0.1 if name.startswith("backbone.") else LR * 0.5 if name.startswith(
+            "text_encoder.encoder.") else LR
+        assert lr_of[id(param)] == pytest.approx(expected), name
+    with pytest.raises(ValueError, match="ENCODER_LR_MULTIPLIERS has 1 values.*2 SOLVER.UP2.ENCODER_PARAM_PREFIXES"):
+        _groups(Small(), encoder_prefixes=("backbone.", "text_encoder.encoder."), encoder_lr_multiplier=[0.1])
+    cfg = _cfg(**{"UP2.ENCODER_PARAM_PREFIXES": ["backbone.", "text_encoder.encoder."],
+                  "UP2.ENCODER_LR_MULTIPLIERS": [0.1, 0.5]})
+    lrs = sorted({g["lr"] for g in build_optimizer(cfg, Small()).param_groups})
+    assert lrs == pytest.approx([0.01, 0.05, 0.1])
+
+
 def _cfg(**solver):
     cfg = get_cfg()
     add_up2_config(cfg)

@@ -41,11 +41,10 @@ Usage::
     python -m up2.checkpoint.convert --source maskdino --input maskdino_r50.pth --output up2_init.pth \\
         --report --config-file configs/shapes/proposal_detector_R18.yaml
 
-The output is ``{"model": state_dict, "__author__": ..., "matching_heuristics": False}``, loadable with
-``MODEL.WEIGHTS``; it is written atomically.
+The output is ``{"model": state_dict, "initialised_prefixes": [...], "__author__": ...}``, written atomically;
+with ``MODEL.WEIGHTS`` it initialises the parts it declares (:mod:`up2.checkpoint.strict_loading`).
 """
 import argparse
-import io
 import logging
 import os
 import re
@@ -53,8 +52,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from up2.checkpoint.checkpointer import atomic_write_bytes
 from up2.checkpoint.efficientnet_lite import convert_efficientnet_lite
+from up2.checkpoint.strict_loading import converted_prefixes, save_partial_checkpoint
 
 __all__ = ["SOURCES", "DEFAULT_PREFIXES", "convert_state_dict", "load_checkpoint_file", "extract_state_dict",
            "compare_with_model", "save_converted", "main"]
@@ -148,12 +147,12 @@ def load_checkpoint_file(path: str, trust_pickle: bool = False) -> StateDict:
     return extract_state_dict(obj, path)
 
 
-def save_converted(path: str, state_dict: StateDict, source: str):
-    """Writes ``{"model": state_dict, ...}`` to ``path`` atomically (Detectron2 checkpoint format)."""
-    buffer = io.BytesIO()
-    torch.save({"model": state_dict, "__author__": f"up2.checkpoint.convert ({source})",
-                "matching_heuristics": False}, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+def save_converted(path: str, state_dict: StateDict, source: str, prefix: Optional[str] = None):
+    """Writes ``{"model": state_dict, ...}`` to ``path`` atomically (Detectron2 checkpoint format), declaring
+    what it initialises (:func:`~up2.checkpoint.strict_loading.converted_prefixes` of ``source`` and ``prefix``)."""
+    prefix = DEFAULT_PREFIXES[source] if prefix is None else prefix
+    save_partial_checkpoint(path, state_dict, converted_prefixes(source, prefix, state_dict),
+                            author=f"up2.checkpoint.convert ({source})")
 
 
 # -------------------------------------------------------------------------------------- ResNet
@@ -481,7 +480,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         _log_list("converted keys whose shape differs from the model's", comparison["shape_mismatch"], args.report)
     elif args.report:
         logger.info("pass --config-file to also list the model keys left missing")
-    save_converted(args.output, converted, args.source)
+    save_converted(args.output, converted, args.source, prefix)
     logger.info("wrote %s", args.output)
     return 0
 

@@ -7,7 +7,8 @@ several training datasets, a :class:`~up2.data.samplers.WeightedDatasetSampler` 
 ``TRAIN_DATASET_WEIGHTS`` or size ** ``DATASETS.UP2.SIZE_WEIGHT_POWER``). Loader iterators are
 created on first use and kept (:class:`MultiTaskDataLoader`): a task that is never sampled never
 starts its workers. A task with a tar-shard training dataset (``register_image_text_shards``) is
-streamed instead (:mod:`up2.data.streams`), with the same weighting of its datasets.
+streamed instead (:mod:`up2.data.streams`), with the same weighting of its datasets. Either way, a
+sample whose image cannot be read is skipped, counted and replaced (:mod:`up2.data.bad_samples`).
 """
 import logging
 import zlib
@@ -21,12 +22,14 @@ from detectron2.data.samplers import InferenceSampler, RepeatFactorTrainingSampl
 from detectron2.utils import comm
 
 from up2.config import TaskEntry, get_task_entries
+from up2.data.bad_samples import BadSampleTracker, SkippingMapDataset
 from up2.data.mappers import build_mapper
 from up2.data.samplers import WeightedDatasetSampler, dataset_sampling_weights
 from up2.data.streams import build_streaming_test_loader, build_streaming_train_loader, is_streaming_dataset
 
-__all__ = ["build_task_train_loader", "build_task_test_loader", "build_task_train_loaders",
-           "load_task_dataset_dicts", "mixed_batch_sizes", "sampled_task_batch_sizes", "task_loader_seed", "MultiTaskDataLoader"]
+__all__ = ["build_task_train_loader", "build_task_test_loader", "build_task_train_loaders", "task_bad_sample_tracker",
+           "load_task_dataset_dicts", "mixed_batch_sizes", "sampled_task_batch_sizes", "task_loader_seed",
+           "MultiTaskDataLoader"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +63,13 @@ def load_task_dataset_dicts(cfg, task_type: str, dataset_names: Sequence[str]):
         dicts.extend(items)
         sizes.append(len(items))
     return dicts, sizes
+
+
+def task_bad_sample_tracker(cfg, entry: TaskEntry, sizes: Sequence[int]) -> BadSampleTracker:
+    """The tracker of skipped samples of a task's training datasets (``sizes``: their lengths), with
+    ``DATASETS.UP2.MAX_BAD_SAMPLE_FRACTION`` and one row per DataLoader worker."""
+    return BadSampleTracker(list(entry.train_datasets), sizes, cfg.DATASETS.UP2.MAX_BAD_SAMPLE_FRACTION,
+                            num_slots=max(1, cfg.DATALOADER.NUM_WORKERS))
 
 
 def _train_sampler(cfg, entry: TaskEntry, dicts: List[dict], sizes: List[int], seed: Optional[int]):
@@ -114,8 +124,9 @@ def build_task_train_loader(cfg, entry: TaskEntry, batch_size: Optional[int] = N
     sampler = _train_sampler(cfg, entry, dicts, sizes, seed)
     mapper = build_mapper(cfg, entry.type, is_train=True) if mapper is None else mapper
     log_task_loader(cfg, entry, len(dicts), batch_size)
+    dataset = SkippingMapDataset(DatasetFromList(dicts, copy=False), mapper, task_bad_sample_tracker(cfg, entry, sizes))
     return build_detection_train_loader(
-        dicts, mapper=mapper, sampler=sampler, total_batch_size=batch_size * comm.get_world_size(),
+        dataset, mapper=None, sampler=sampler, total_batch_size=batch_size * comm.get_world_size(),
         aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING and entry.type == "detection",
         num_workers=cfg.DATALOADER.NUM_WORKERS)
 

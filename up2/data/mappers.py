@@ -41,7 +41,20 @@ logger = logging.getLogger(__name__)
 
 
 class ImageReadError(OSError):
-    """An image file is missing, truncated or not an image; the message names the file."""
+    """An image file is missing, truncated or not an image; the message names the file.
+
+    ``reason`` is ``"missing_image"`` for a file that does not exist, else ``"unreadable_image"`` (the
+    reasons counted by :mod:`up2.data.bad_samples`).
+    """
+
+    def __init__(self, message: str, reason: str = "unreadable_image"):
+        super().__init__(message)
+        self.reason = reason
+
+
+def _image_read_error(name, error: Exception) -> ImageReadError:
+    reason = "missing_image" if isinstance(error, FileNotFoundError) else "unreadable_image"
+    return ImageReadError(f"Cannot read image {name}: {type(error).__name__}: {error}", reason)
 
 
 def read_image(file_name: str, image_format: str) -> np.ndarray:
@@ -49,7 +62,7 @@ def read_image(file_name: str, image_format: str) -> np.ndarray:
     try:
         return utils.read_image(file_name, format=image_format)
     except (OSError, ValueError, SyntaxError) as e:  # PIL raises these for corrupt files
-        raise ImageReadError(f"Cannot read image {file_name}: {type(e).__name__}: {e}") from e
+        raise _image_read_error(file_name, e) from e
 
 
 def _decode_image_bytes(data: bytes, image_format: str, name: str) -> np.ndarray:
@@ -59,7 +72,7 @@ def _decode_image_bytes(data: bytes, image_format: str, name: str) -> np.ndarray
         with Image.open(io.BytesIO(data)) as pil_image:
             return utils.convert_PIL_to_numpy(utils._apply_exif_orientation(pil_image), image_format)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ImageReadError(f"Cannot read image {name}: {type(e).__name__}: {e}") from e
+        raise _image_read_error(name, e) from e
 
 
 class RandomResizedCrop(T.Augmentation):
@@ -294,8 +307,7 @@ class DetectionMapper(DatasetMapper):
         except ImageReadError:
             raise
         except (OSError, SyntaxError) as e:
-            name = dataset_dict.get("file_name")
-            raise ImageReadError(f"Cannot read image {name}: {type(e).__name__}: {e}") from e
+            raise _image_read_error(dataset_dict.get("file_name"), e) from e
         out["task"] = "detection"
         return out
 

@@ -7,8 +7,8 @@ the size of a shard dataset is the number of samples declared by its ``shards.js
 dataset's next sample for this worker and maps it. Shard datasets are split over workers by shard
 (see :mod:`up2.data.shards`); map-style datasets (dataset dicts, e.g. COCO Karpathy) by position in
 a shared stream of shuffled epochs (global worker ``g`` of ``W`` keeps positions ``g, g + W, ...``,
-like Detectron2's ``TrainingSampler``). A sample whose image cannot be read is skipped and counted
-(:func:`up2.data.shards.skipped_samples`).
+like Detectron2's ``TrainingSampler``). A sample that cannot be used is skipped, counted and replaced by
+the next one drawn (:mod:`up2.data.bad_samples`).
 """
 import logging
 from typing import List, Optional, Sequence, Union
@@ -19,9 +19,10 @@ from detectron2.data import DatasetCatalog, DatasetFromList, MetadataCatalog
 from detectron2.data.build import trivial_batch_collator, worker_init_reset_seed
 from detectron2.utils import comm
 
+from up2.data.bad_samples import BadSampleTracker
 from up2.data.mappers import ImageReadError
 from up2.data.samplers import dataset_sampling_weights
-from up2.data.shards import ImageTextShards, SkipCounter, _log_skip
+from up2.data.shards import ImageTextShards
 
 __all__ = ["STREAMING_FORMAT", "is_streaming_dataset", "TaskStream", "ListStream", "build_streaming_train_loader",
            "build_streaming_test_loader"]
@@ -50,18 +51,18 @@ class ListStream:
 
     def stream(self, seed: int, worker: int, num_workers: int, infinite: bool, skip=None):
         """Positions ``worker, worker + num_workers, ...`` of the shared index stream: shuffled epochs
-        (``seed``, epoch) when ``infinite``, else ``range(len)`` once."""
+        (``seed``, epoch) when ``infinite``, else ``range(len)`` once. Yields ``(index, dataset dict)``."""
         n = len(self._dicts)
         if not infinite:
             for i in range(worker, n, num_workers):
-                yield self._dicts[i]
+                yield i, self._dicts[i]
             return
         position, epoch = 0, 0
         while True:
             order = np.random.default_rng([int(seed), epoch, 2]).permutation(n)
             first = (worker - position) % num_workers
             for i in order[first::num_workers]:
-                yield self._dicts[int(i)]
+                yield int(i), self._dicts[int(i)]
             position, epoch = position + n, epoch + 1
 
 
@@ -73,17 +74,19 @@ class TaskStream(torchdata.IterableDataset):
     module doc). Iterating in the main process (``num_workers=0``) acts as worker 0 of 1."""
 
     def __init__(self, sources: Sequence[Source], probs: Sequence[float], mapper, seed: int, infinite: bool = True,
-                 rank: Optional[int] = None, world_size: Optional[int] = None, num_workers: int = 0):
+                 rank: Optional[int] = None, world_size: Optional[int] = None, num_workers: int = 0,
+                 max_bad_fraction: float = 0.01):
         """
         Args:
             sources: the datasets (each has ``name``, ``len()`` and ``stream(seed, worker, num_workers,
-                infinite, skip)``).
+                infinite, skip)`` yielding ``(index in the dataset, sample)``).
             probs: probability of drawing each source (training); ignored when not ``infinite``.
             mapper: callable dict -> dict (a task mapper), or None to yield the raw dicts.
             seed: identical on every rank.
             infinite: training (endless, shuffled, sources mixed) or one pass over each source in turn.
             rank, world_size: default to the process group's.
             num_workers: DataLoader workers per rank (sizes the skip counters).
+            max_bad_fraction: ``DATASETS.UP2.MAX_BAD_SAMPLE_FRACTION`` (see :mod:`up2.data.bad_samples`).
         """
         if len(sources) != len(probs) or not sources:
             raise ValueError(f"TaskStream: {len(sources)} sources for {len(probs)} probabilities")
@@ -94,7 +97,8 @@ class TaskStream(torchdata.IterableDataset):
         self.infinite = bool(infinite)
         self.rank = comm.get_rank() if rank is None else int(rank)
         self.world_size = comm.get_world_size() if world_size is None else int(world_size)
-        self.counter = SkipCounter([s.name for s in self.sources], num_slots=max(1, num_workers))
+        self.tracker = BadSampleTracker([s.name for s in self.sources], [len(s) for s in self.sources],
+                                        max_bad_fraction, num_slots=max(1, num_workers))
 
     def _worker(self):
         info = torchdata.get_worker_info()
@@ -104,14 +108,15 @@ class TaskStream(torchdata.IterableDataset):
     def __iter__(self):
         slot, worker, num_workers = self._worker()
 
-        def skipper(name):
-            return lambda reason, message: _log_skip(self.counter, name, reason, message, slot)
+        def skipper(dataset: int):
+            return lambda reason, message, items=(): self.tracker.skip(dataset, reason, message, items, slot)
 
-        streams = [s.stream(self.seed, worker, num_workers, self.infinite, skipper(s.name)) for s in self.sources]
+        streams = [s.stream(self.seed, worker, num_workers, self.infinite, skipper(d))
+                   for d, s in enumerate(self.sources)]
         if not self.infinite:
-            for source, samples in zip(self.sources, streams):
-                for sample in samples:
-                    out = self._map(sample, source.name, slot)
+            for d, samples in enumerate(streams):
+                for item, sample in samples:
+                    out = self._map(sample, d, item, slot)
                     if out is not None:
                         yield out
             return
@@ -119,17 +124,18 @@ class TaskStream(torchdata.IterableDataset):
         cdf = np.cumsum(self.probs)
         while True:
             d = min(int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")), len(cdf) - 1)
-            out = self._map(next(streams[d]), self.sources[d].name, slot)
+            item, sample = next(streams[d])
+            out = self._map(sample, d, item, slot)
             if out is not None:
                 yield out
 
-    def _map(self, sample: dict, name: str, slot: int):
+    def _map(self, sample: dict, dataset: int, item: int, slot: int):
         if self.mapper is None:
             return sample
         try:
             return self.mapper(sample)
         except ImageReadError as e:
-            _log_skip(self.counter, name, "unreadable_image", str(e), slot)
+            self.tracker.skip(dataset, e.reason, str(e), [item], slot)
             return None
 
 
@@ -169,7 +175,8 @@ def build_streaming_train_loader(cfg, entry, batch_size: int, mapper, seed: Opti
     logger.info("Task '%s' (%s): streaming %s with sizes %s, sampling probabilities %s, %d per GPU, %d workers",
                 entry.name, entry.type, list(entry.train_datasets), sizes, [round(float(p), 5) for p in probs],
                 batch_size, num_workers)
-    dataset = TaskStream(sources, probs, mapper, seed, infinite=True, num_workers=num_workers)
+    dataset = TaskStream(sources, probs, mapper, seed, infinite=True, num_workers=num_workers,
+                         max_bad_fraction=cfg.DATASETS.UP2.MAX_BAD_SAMPLE_FRACTION)
     return torchdata.DataLoader(dataset, batch_size=batch_size, drop_last=True, num_workers=num_workers,
                                 collate_fn=trivial_batch_collator, worker_init_fn=worker_init_reset_seed)
 
@@ -179,6 +186,7 @@ def build_streaming_test_loader(cfg, dataset_name: str, task_type: str, batch_si
     yields ``list[dict]`` of at most ``batch_size`` mapped dicts."""
     sources = _sources(cfg, task_type, [dataset_name])
     num_workers = cfg.DATALOADER.NUM_WORKERS
-    dataset = TaskStream(sources, [1.0], mapper, seed=0, infinite=False, num_workers=num_workers)
+    dataset = TaskStream(sources, [1.0], mapper, seed=0, infinite=False, num_workers=num_workers,
+                         max_bad_fraction=cfg.DATASETS.UP2.MAX_BAD_SAMPLE_FRACTION)
     return torchdata.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                                 collate_fn=trivial_batch_collator)

@@ -4,10 +4,16 @@ Detectron2 0.6's launcher hard-codes the NCCL backend and ``torch.cuda.set_devic
 NCCL when CUDA is available and gloo otherwise, so ``train_net.py --num-gpus 2`` starts two CPU
 processes on a CPU-only machine (one process per "GPU"). ``dist_url="env://"`` uses the variables
 set by ``torchrun`` (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK).
+
+The process that starts the workers passes SIGTERM and SIGUSR1 on to them (the trainer stops with a
+checkpoint, :mod:`up2.engine.checkpoint_hooks`) and exits with the status of a worker stopped that way.
 """
+import contextlib
 import logging
 import os
+import signal
 import socket
+import threading
 from datetime import timedelta
 
 import torch
@@ -15,11 +21,17 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from detectron2.utils import comm
 
+from up2.engine.checkpoint_hooks import PREEMPTION_EXIT_BASE
+
 __all__ = ["launch", "DEFAULT_TIMEOUT", "distributed_backend"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = timedelta(minutes=30)
+# Seconds the other workers get to exit on their own once one has exited with an error or a preemption.
+WORKER_EXIT_GRACE_S = 30
+# Signals passed on to the workers.
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 def distributed_backend() -> str:
@@ -64,13 +76,47 @@ def launch(main_func, num_gpus_per_machine, num_machines=1, machine_rank=0, dist
     if torch.cuda.is_available() and num_gpus_per_machine > torch.cuda.device_count():
         raise ValueError(f"--num-gpus {num_gpus_per_machine} but only {torch.cuda.device_count()} "
                          "CUDA devices are visible")
-    mp.start_processes(
+    context = mp.start_processes(
         _distributed_worker,
         nprocs=num_gpus_per_machine,
         args=(main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args, timeout),
         daemon=False,
         start_method="spawn",
+        join=False,
     )
+    with _forwarding_signals(context.processes):
+        try:
+            # a grace period: the other workers of a preempted run finish their own clean exit
+            while not context.join(grace_period=WORKER_EXIT_GRACE_S):
+                pass
+        except mp.ProcessExitedException as error:
+            signal_number = (error.exit_code or 0) - PREEMPTION_EXIT_BASE
+            if signal_number in {s.value for s in signal.Signals}:
+                logger.warning("Worker %d stopped on %s with a checkpoint", error.error_index,
+                               signal.Signals(signal_number).name)
+                raise SystemExit(error.exit_code) from None
+            raise
+
+
+@contextlib.contextmanager
+def _forwarding_signals(processes):
+    """Within the block, FORWARDED_SIGNALS received by this process are sent to ``processes`` (only when
+    this is the main thread, where Python handles signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def forward(signum, frame):
+        for process in processes:
+            if process.is_alive():
+                os.kill(process.pid, signum)
+
+    previous = {signum: signal.signal(signum, forward) for signum in FORWARDED_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _setup_local_process_group(world_size, num_per_machine, machine_rank):

@@ -62,7 +62,7 @@ class UP2Predictor:
         self.model = build_model(self.cfg)
         self.model.eval()
         if self.cfg.MODEL.WEIGHTS:
-            AtomicCheckpointer(self.model).load(self.cfg.MODEL.WEIGHTS)
+            AtomicCheckpointer(self.model, strict=self.cfg.MODEL.UP2.WEIGHTS_STRICT).load(self.cfg.MODEL.WEIGHTS)
         else:
             logger.warning("UP2Predictor: MODEL.WEIGHTS is empty; the model keeps its random initialisation")
         self._augmentations: Dict[str, T.AugmentationList] = {}

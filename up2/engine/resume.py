@@ -16,7 +16,9 @@ Three things make the state after step k a pure function of the checkpoint:
   skips the first ``position`` batches by drawing indices only (no image is read).
 * **The augmentation of each sample.** Every sample is mapped with the global RNGs seeded from
   ``(seed, rank, position of the sample in the rank's stream)``, in a worker or in the main process
-  (where the RNG states are restored afterwards), so the worker that maps it does not matter.
+  (where the RNG states are restored afterwards), so the worker that maps it does not matter. An item
+  whose image cannot be read is replaced by one drawn from the same seed
+  (:class:`~up2.data.bad_samples.SkippingMapDataset`): a resumed run replaces it identically.
 
 The rest of the state is in Detectron2's checkpoint: model, iteration, LR scheduler, task-sampling
 counts, and (added by :class:`~up2.engine.trainer.UP2Trainer`) the optimizer and grad scaler.
@@ -41,6 +43,7 @@ from detectron2.engine import HookBase
 from detectron2.utils import comm
 
 from up2.config import TaskEntry
+from up2.engine.checkpoint_hooks import ignore_preemption_signals
 
 __all__ = ["derive_seed", "seeded_global_rngs", "IterationSeedHook", "ResumableTaskLoader",
            "build_map_style_batches", "build_resumable_task_loaders"]
@@ -171,30 +174,24 @@ class _PositionedBatches:
 
 class _SeededMapDataset(torchdata.Dataset):
     """``dataset[(position, index)]`` maps item ``index`` with the global RNGs seeded from
-    ``(seed, rank, position)``. A mapper that returns None is retried on an index drawn from the same
-    seed (Detectron2's ``MapDataset`` retries on a random one)."""
+    ``(seed, rank, position)``; an unreadable item (or a mapper result of None) is replaced by an item
+    drawn from the same seed (:meth:`SkippingMapDataset.map_item`)."""
 
-    def __init__(self, dicts: DatasetFromList, mapper, seed: int, rank: int):
-        self._dicts, self._mapper, self._seed, self._rank = dicts, mapper, seed, rank
+    def __init__(self, dataset, seed: int, rank: int):
+        self._dataset, self._seed, self._rank = dataset, seed, rank
 
     def __len__(self):
-        return len(self._dicts)
+        return len(self._dataset)
 
     def __getitem__(self, key):
         position, index = key
         seed = derive_seed(self._seed, self._rank, position)
-        retry = np.random.default_rng(seed)
         with seeded_global_rngs(seed):
-            for _ in range(100):
-                out = self._mapper(self._dicts[index])
-                if out is not None:
-                    return out
-                index = int(retry.integers(len(self._dicts)))
-        raise RuntimeError(f"The mapper returned None for 100 items in a row (last index {index})")
+            return self._dataset.map_item(index, np.random.default_rng(seed))
 
 
 def build_map_style_batches(dicts: List[dict], mapper, make_sampler: Callable[[int], Iterable[int]], batch_size: int,
-                            num_workers: int, group_ids: Optional[Sequence[int]] = None):
+                            num_workers: int, group_ids: Optional[Sequence[int]] = None, tracker=None):
     """``make_batches(seed, start)`` of a :class:`ResumableTaskLoader` over dataset dicts.
 
     Args:
@@ -204,18 +201,24 @@ def build_map_style_batches(dicts: List[dict], mapper, make_sampler: Callable[[i
         batch_size: per-GPU batch size.
         num_workers: DataLoader workers.
         group_ids: optional group of each dict (batches hold one group).
+        tracker (BadSampleTracker): the datasets of ``dicts`` (names, sizes) where unreadable items are
+            counted; default one unnamed dataset.
 
     Returns:
         callable ``(seed, start) ->`` DataLoader of ``list[dict]`` batches from batch ``start`` on.
     """
+    from up2.data.bad_samples import BadSampleTracker, SkippingMapDataset
+
     group_ids = None if group_ids is None else np.asarray(group_ids)
-    serialized = DatasetFromList(dicts, copy=False)
+    tracker = BadSampleTracker(["<dataset dicts>"], [len(dicts)]) if tracker is None else tracker
+    dataset = SkippingMapDataset(DatasetFromList(dicts, copy=False), mapper, tracker, group_ids)
 
     def make_batches(seed: int, start: int):
         rank = comm.get_rank()
         batches = _PositionedBatches(make_sampler(seed), batch_size, start, group_ids)
-        return torchdata.DataLoader(_SeededMapDataset(serialized, mapper, seed, rank), batch_sampler=batches,
+        return torchdata.DataLoader(_SeededMapDataset(dataset, seed, rank), batch_sampler=batches,
                                     num_workers=num_workers, collate_fn=trivial_batch_collator,
+                                    worker_init_fn=ignore_preemption_signals if num_workers else None,
                                     generator=torch.Generator().manual_seed(derive_seed(seed, rank, start)))
 
     return make_batches
@@ -229,7 +232,8 @@ def _loader_seed(cfg, entry: TaskEntry) -> int:
 
 
 def _build_task_loader(cfg, entry: TaskEntry, batch_size: int) -> ResumableTaskLoader:
-    from up2.data.build import _train_sampler, build_task_train_loader, load_task_dataset_dicts, log_task_loader
+    from up2.data.build import (_train_sampler, build_task_train_loader, load_task_dataset_dicts, log_task_loader,
+                                task_bad_sample_tracker)
     from up2.data.mappers import build_mapper
     from up2.data.streams import is_streaming_dataset
 
@@ -253,7 +257,7 @@ def _build_task_loader(cfg, entry: TaskEntry, batch_size: int) -> ResumableTaskL
     make_batches = build_map_style_batches(
         dicts, build_mapper(cfg, entry.type, is_train=True),
         lambda sampler_seed: _train_sampler(cfg, entry, dicts, sizes, sampler_seed), batch_size,
-        cfg.DATALOADER.NUM_WORKERS, group_ids)
+        cfg.DATALOADER.NUM_WORKERS, group_ids, task_bad_sample_tracker(cfg, entry, sizes))
     return ResumableTaskLoader(entry.name, make_batches, seed, exact=True)
 
 

@@ -2,7 +2,10 @@
 TensorBoard, ETA in the log) with the pieces that up2 needs to differ:
 
 * DDP that also works on CPU (gloo) processes;
-* atomic checkpoints (:class:`~up2.checkpoint.AtomicCheckpointer`);
+* atomic checkpoints (:class:`~up2.checkpoint.AtomicCheckpointer`), strict ``MODEL.WEIGHTS`` loading
+  (``MODEL.UP2.WEIGHTS_STRICT``), stale ``.tmp-*`` files of a killed run removed at start, at most
+  ``SOLVER.UP2.MAX_CHECKPOINTS_TO_KEEP`` periodic checkpoints, and a checkpoint then a clean exit on
+  ``SOLVER.UP2.PREEMPTION_SIGNALS`` (:mod:`up2.engine.checkpoint_hooks`);
 * up2's optimizer (MT-AdamW or AdamW with up2's parameter groups) from ``SOLVER.UP2.*``;
 * multi-task runs (``DATASETS.UP2.TASKS``): one loader per task and a :class:`TaskSamplingHook` that
   picks the task of every iteration (the same on every rank) and sets it on the optimizer;
@@ -11,8 +14,8 @@ TensorBoard, ETA in the log) with the pieces that up2 needs to differ:
   loader; the global RNGs are reseeded before every step from ``(seed, rank, iteration)``;
 * ``SOLVER.AMP.ENABLED``: autocast with ``SOLVER.UP2.AMP_DTYPE`` (bfloat16 or float16) on CPU or
   GPU (:class:`AutocastTrainer`; Detectron2 0.6's ``AMPTrainer`` is CUDA and float16 only);
-* ``skipped/<dataset>/<reason>`` in ``metrics.json``: samples the streaming loaders skipped
-  (:class:`SkippedSamplesHook`);
+* ``skipped/<dataset>/<reason>`` and ``skipped/<dataset>/bad_fraction`` in ``metrics.json``: samples
+  the loaders skipped, and the run stops when a dataset has too many bad samples (:class:`SkippedSamplesHook`);
 * evaluators and test loaders chosen by each test dataset's task;
 * ``test()`` returns ``{dataset_name: {metric: value}}`` (flat metrics, the ``eval_results.json``
   contract of ``train_net.py --eval-only``).
@@ -37,6 +40,7 @@ from detectron2.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
 from up2.checkpoint import AtomicCheckpointer, atomic_write_bytes
+from up2.checkpoint.checkpointer import remove_stale_temp_files
 from up2.config import get_task_entries
 from up2.engine.target_vocabulary import set_training_vocabularies
 
@@ -148,9 +152,10 @@ class AutocastTrainer(SimpleTrainer):
 
 class SkippedSamplesHook(HookBase):
     """Every ``period`` iterations (and at the last one), puts the samples skipped so far by the
-    streaming loaders (:func:`up2.data.shards.skipped_samples`), summed over ranks, into the
-    EventStorage as ``skipped/<dataset>/<reason>``; placed before the ``PeriodicWriter`` of the same
-    period, they reach ``metrics.json``."""
+    loaders, summed over ranks (:func:`up2.data.bad_samples.gather_skipped_samples`, which raises on
+    every rank when a dataset has more bad samples than ``DATASETS.UP2.MAX_BAD_SAMPLE_FRACTION``), into
+    the EventStorage as ``skipped/<dataset>/<reason>`` and ``skipped/<dataset>/bad_fraction``; placed
+    before the ``PeriodicWriter`` of the same period, they reach ``metrics.json``."""
 
     def __init__(self, period: int = 20):
         self._period = int(period)
@@ -159,13 +164,10 @@ class SkippedSamplesHook(HookBase):
         next_iter = self.trainer.iter + 1
         if next_iter % self._period and next_iter != self.trainer.max_iter:
             return
-        from up2.data.shards import skipped_samples
+        from up2.data.bad_samples import gather_skipped_samples
 
-        totals = {}
-        for counts in comm.all_gather(skipped_samples()):  # every rank runs this hook at the same steps
-            for key, count in counts.items():
-                totals[key] = totals.get(key, 0) + count
-        for key, count in sorted(totals.items()):
+        # every rank runs this hook at the same steps
+        for key, count in gather_skipped_samples().items():
             self.trainer.storage.put_scalar(f"skipped/{key}", count, smoothing_hint=False)
 
 
@@ -192,7 +194,10 @@ class UP2Trainer(DefaultTrainer):
         else:
             self._trainer = SimpleTrainer(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, strict=cfg.MODEL.UP2.WEIGHTS_STRICT,
+                                               trainer=weakref.proxy(self))
+        if comm.is_main_process():  # only the main process writes checkpoints
+            remove_stale_temp_files(cfg.OUTPUT_DIR)
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
@@ -282,7 +287,9 @@ class UP2Trainer(DefaultTrainer):
         """Detectron2's hooks, preceded by the :class:`IterationSeedHook` (seed ``cfg.SEED``, or one
         drawn and shared by the ranks) and, in multi-task runs, the task-sampling hook; a
         :class:`SkippedSamplesHook` before the writers; the evaluation hook also writes
-        ``OUTPUT_DIR/eval_results.json``."""
+        ``OUTPUT_DIR/eval_results.json``; the periodic checkpointer keeps at most
+        ``SOLVER.UP2.MAX_CHECKPOINTS_TO_KEEP`` checkpoints; a :class:`PreemptionHook` comes last."""
+        from up2.engine.checkpoint_hooks import BoundedPeriodicCheckpointer, PreemptionHook, max_checkpoints_to_keep
         from up2.engine.resume import IterationSeedHook
         from up2.engine.task_sampling import TaskSamplingHook, build_task_sampler
 
@@ -302,8 +309,19 @@ class UP2Trainer(DefaultTrainer):
             write_eval_results(self.cfg.OUTPUT_DIR, results)
             return results
 
-        return [hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, test_and_write_results)
-                if isinstance(hook, hooks.EvalHook) else hook for hook in hook_list]
+        keep = max_checkpoints_to_keep(self.cfg)
+
+        def replaced(hook):
+            if isinstance(hook, hooks.EvalHook):
+                return hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, test_and_write_results)
+            if isinstance(hook, hooks.PeriodicCheckpointer):
+                return BoundedPeriodicCheckpointer(self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD, keep)
+            return hook
+
+        hook_list = [replaced(hook) for hook in hook_list]
+        if self.cfg.SOLVER.UP2.PREEMPTION_SIGNALS:
+            hook_list.append(PreemptionHook(self.cfg.SOLVER.UP2.PREEMPTION_SIGNALS, keep))
+        return hook_list
 
     @property
     def optimizer(self):

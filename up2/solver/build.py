@@ -38,7 +38,7 @@ def build_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimiz
 
     Reads ``SOLVER.{BASE_LR, WEIGHT_DECAY, WEIGHT_DECAY_NORM, WEIGHT_DECAY_BIAS, CLIP_GRADIENTS}``
     and ``SOLVER.UP2.{OPTIMIZER, BETAS, EPS, NORMALIZE_GRADIENT, COMPENSATE_SAMPLING,
-    UNUSED_PARAMS, ENCODER_LR_MULTIPLIER, ENCODER_PARAM_PREFIXES, WEIGHT_DECAY_EMBED}``.
+    UNUSED_PARAMS, ENCODER_LR_MULTIPLIER(S), ENCODER_PARAM_PREFIXES, WEIGHT_DECAY_EMBED}``.
     """
     solver = cfg.SOLVER
     name = solver.UP2.OPTIMIZER
@@ -59,7 +59,7 @@ def build_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimiz
         base_lr=solver.BASE_LR,
         weight_decay=solver.WEIGHT_DECAY,
         encoder_prefixes=tuple(solver.UP2.ENCODER_PARAM_PREFIXES),
-        encoder_lr_multiplier=solver.UP2.ENCODER_LR_MULTIPLIER,
+        encoder_lr_multiplier=list(solver.UP2.ENCODER_LR_MULTIPLIERS) or solver.UP2.ENCODER_LR_MULTIPLIER,
         weight_decay_norm=solver.WEIGHT_DECAY_NORM,
         weight_decay_bias=weight_decay_bias,
         weight_decay_embed=solver.UP2.WEIGHT_DECAY_EMBED,

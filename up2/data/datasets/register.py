@@ -16,7 +16,7 @@ Dataset dicts, by format:
   "captions": [str], "caption_ids": [int]}``.
 * text corpus (one passage per line): ``{"text", "text_id"}``.
 * image-text tar shards: ``DatasetCatalog.get`` returns an :class:`up2.data.shards.ImageTextShards`
-  (sized by its ``shards.json``, streamed by the task loaders); its samples are
+  (sized by its ``shards.json`` or img2dataset's stats files, streamed by the task loaders); its samples are
   ``{"image_bytes", "source", "image_id", "captions"}``; metadata ``dataset_format="image_text_shards"``.
 """
 import json
@@ -212,9 +212,11 @@ def register_image_text_shards(name: str, shard_glob_or_dir: str, index_file: st
 
     Args:
         name: dataset name, e.g. ``"cc3m_train"``.
-        shard_glob_or_dir: a directory with ``shards.json`` and the shards it lists, or a glob of
-            ``.tar`` files (e.g. ``".../cc3m/shards/00000*.tar"``) whose sizes are read from the index.
-        index_file: the ``shards.json`` to use; default the one in the shard directory.
+        shard_glob_or_dir: a directory with ``shards.json`` and the shards it lists, the output directory
+            of ``img2dataset --output_format webdataset`` as it is (sizes from its ``*_stats.json``), or
+            a glob of ``.tar`` files (e.g. ``".../cc3m/shards/00000*.tar"``) whose sizes are read from the
+            ``shards.json`` or the stats files beside them (:mod:`up2.data.shard_layouts`).
+        index_file: the ``shards.json`` to use; default the one in the shard directory, if any.
         prepare_hint: what to run when the files are missing (shown in the error).
         shuffle_buffer: samples each worker holds to shuffle the stream in training (memory: about
             this many encoded images per worker and shard dataset).

@@ -80,7 +80,11 @@ class TimmBackbone(Backbone):
         self._indices = [stages[name][0] for name in self._out_features]
         self._out_feature_channels = {name: stages[name][1] for name in self._out_features}
         self._out_feature_strides = {name: stages[name][2] for name in self._out_features}
+        complete = set(model.state_dict())
         model.prune_intermediate_layers(sorted(set(self._indices)), prune_norm=prune_norm, prune_head=True)
+        # Tensors that pretrained checkpoints of the whole model hold and this backbone dropped on purpose:
+        # strict loading (up2.checkpoint.strict_loading) does not count them as unexpected.
+        self.pruned_checkpoint_keys = sorted(f"{self.timm_attribute}.{k}" for k in complete - set(model.state_dict()))
         self._freeze(model, freeze_at, [info.get("module", "") for info in model.feature_info], stages)
         if freeze_bn:  # timm's own conversion keeps the activation of its BatchNormAct2d layers
             from timm.layers import freeze_batch_norm_2d
