@@ -7,7 +7,9 @@ any checkpoint: a loaded checkpoint (``MODEL.WEIGHTS``, ``--resume``) brings its
 import logging
 from typing import Iterable, List, Set
 
+import torch.distributed as dist
 from detectron2.data import DatasetCatalog
+from detectron2.utils import comm
 
 from up2.config import get_task_entries
 from up2.modeling.tasks.targets import VOCABULARY_TASKS
@@ -41,10 +43,20 @@ def text_token_ids(texts: List[str], text_encoder) -> Set[int]:
     return ids
 
 
+def _from_main_process(compute):
+    """``compute()`` run on the main process only and broadcast to every rank (the datasets are read once)."""
+    if comm.get_world_size() == 1:
+        return compute()
+    holder = [compute() if comm.is_main_process() else None]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
 def set_training_vocabularies(cfg, model) -> None:
     """Restricts the vocabulary targets of every trained captioning / MLM task type to its training
     texts' tokens when ``MODEL.UP2.HEAD.TARGET_VOCABULARY`` is "training_texts" (no-op otherwise, or for
-    a model without target sets)."""
+    a model without target sets). With several ranks the main process reads the texts and broadcasts
+    the token ids, so every rank holds the same sets."""
     targets = getattr(model, "targets", None)
     if cfg.MODEL.UP2.HEAD.TARGET_VOCABULARY != "training_texts" or targets is None:
         return
@@ -53,8 +65,12 @@ def set_training_vocabularies(cfg, model) -> None:
         datasets = [name for entry in entries if entry.type == task for name in entry.train_datasets]
         if not datasets:
             continue
-        texts = training_texts(datasets)
-        ids = text_token_ids(texts, model.text_encoder) if texts else set()
+
+        def compute(datasets=datasets):
+            texts = training_texts(datasets)
+            return (sorted(text_token_ids(texts, model.text_encoder)) if texts else []), len(texts)
+
+        ids, num_texts = _from_main_process(compute)
         targets.set_vocabulary_ids(task, ids, len(model.text_encoder.tokenizer))
         logger.info("Target vocabulary of %s: %d of the tokenizer's %d tokens (those of %d training texts of %s)",
-                    task, len(ids), len(model.text_encoder.tokenizer), len(texts), datasets)
+                    task, len(ids), len(model.text_encoder.tokenizer), num_texts, datasets)

@@ -4,6 +4,7 @@ the set travels with the weights (AtomicCheckpointer), the trainer's set is exac
 tokens, and the MLM evaluator's coverage / perplexity over the set. Uses the tiny UniPerceiverV2 of
 tests/conftest.py."""
 import math
+import textwrap
 
 import pytest
 import torch
@@ -341,3 +342,34 @@ def test_training_vocabularies_are_the_tokens_of_the_training_texts(model, built
     set_training_vocabularies(cfg, model)
     assert model.targets.vocabulary_ids("mlm") is None
     assert model.targets.vocabulary_ids("captioning").tolist() == sorted(caption_targets)
+
+
+TWO_RANK_VOCABULARY = textwrap.dedent("""
+    import json, os, sys
+    import up2
+    from detectron2.utils import comm
+    from up2.engine import launch
+    from up2.engine.target_vocabulary import _from_main_process
+
+    def worker(out_dir):
+        rank = comm.get_rank()
+        calls = []
+
+        def compute():  # what each rank would read from its datasets
+            calls.append(rank)
+            return [3, 1, 2] if rank == 0 else [9]
+
+        ids = _from_main_process(compute)
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump({"ids": ids, "computed": bool(calls)}, f)
+
+    if __name__ == "__main__":
+        launch(worker, 2, dist_url="auto", args=(sys.argv[1],))
+""")
+
+
+@pytest.mark.slow  # two spawned processes importing torch + Detectron2
+def test_main_process_reads_the_texts_and_every_rank_gets_its_sets(run_two_ranks):
+    rank0, rank1 = run_two_ranks(TWO_RANK_VOCABULARY)
+    assert rank0 == {"ids": [3, 1, 2], "computed": True}
+    assert rank1 == {"ids": [3, 1, 2], "computed": False}
