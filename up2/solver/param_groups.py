@@ -12,8 +12,9 @@ Every trainable parameter is classified once, by its module and name:
 
 Parameters whose full name starts with one of ``encoder_prefixes`` (the pretrained image backbone
 and text encoder) get ``base_lr × encoder_lr_multiplier``; ``encoder_lr_multiplier`` is one factor for
-every prefix or a list with one factor per prefix (the first matching prefix decides). Groups with the same (lr, weight_decay)
-are merged; each group's ``"name"`` lists the kinds it holds (``"encoder.bias,encoder.norm"``).
+every prefix or a list with one factor per prefix (the first matching prefix decides). Groups with the
+same (lr, weight_decay) are merged; each group's ``"name"`` lists the kinds it holds
+(``"encoder.bias,encoder.norm"``).
 """
 import logging
 from collections import OrderedDict
