@@ -13,8 +13,9 @@ from detectron2.modeling import ShapeSpec, build_model, build_resnet_backbone
 
 import up2.modeling  # noqa: F401
 from up2.checkpoint import AtomicCheckpointer
-from up2.checkpoint.convert import (compare_with_model, convert_state_dict, load_checkpoint_file, main,
-                                    save_converted)
+from up2.checkpoint.conversion import compare_with_model, convert_state_dict, save_converted
+from up2.checkpoint.convert import main
+from up2.checkpoint.state_dict_files import load_checkpoint_file
 from up2.config import add_up2_config
 from up2.layers import MSDeformAttn
 from up2.modeling.backbone import SwinBackbone

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from up2.checkpoint.backbone_weights import WEIGHTS_FORMATS, load_backbone_weights, read_backbone_weights
-from up2.checkpoint.efficientnet_lite import convert_efficientnet_lite
+from up2.checkpoint.sources.efficientnet_lite import convert_efficientnet_lite
 from up2.utils.paths import package_file, resolve_path
 
 timm = pytest.importorskip("timm")

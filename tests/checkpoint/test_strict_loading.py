@@ -10,7 +10,7 @@ from detectron2.modeling import build_model
 
 import up2.modeling  # noqa: F401
 from up2.checkpoint import AtomicCheckpointer
-from up2.checkpoint.convert import convert_state_dict, save_converted
+from up2.checkpoint.conversion import convert_state_dict, save_converted
 from up2.checkpoint.strict_loading import (INITIALISED_PREFIXES_KEY, IncompatibleCheckpointError,
                                            UnreadableCheckpointError, save_partial_checkpoint)
 

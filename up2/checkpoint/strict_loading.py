@@ -26,11 +26,13 @@ from typing import Dict, List, Optional, Sequence, Set
 import torch
 from torch import nn
 
-__all__ = ["INITIALISED_PREFIXES_KEY", "UnreadableCheckpointError", "IncompatibleCheckpointError",
-           "declared_prefixes", "pruned_checkpoint_keys", "check_checkpoint_fits", "converted_prefixes",
-           "save_partial_checkpoint"]
+__all__ = ["INITIALISED_PREFIXES_KEY", "CONVERTER_AUTHOR", "UnreadableCheckpointError",
+           "IncompatibleCheckpointError", "declared_prefixes", "pruned_checkpoint_keys", "check_checkpoint_fits",
+           "converted_prefixes", "save_partial_checkpoint"]
 
 INITIALISED_PREFIXES_KEY = "initialised_prefixes"
+# "__author__" of the checkpoints written by the weight converter (python -m up2.checkpoint.convert).
+CONVERTER_AUTHOR = "up2.checkpoint.convert"
 # How many names of each kind an error shows.
 NAMES_SHOWN = 5
 _WHAT_TO_DO = ("Load a checkpoint of this model (the same config), convert pretrained weights with "
@@ -117,7 +119,7 @@ def check_checkpoint_fits(path: str, incompatible, model: nn.Module, prefixes: O
             lines.append(f"  {len(unexpected)} tensor(s) in it that the model does not have: {_examples(unexpected)}")
         if reshaped:
             lines.append(f"  {len(reshaped)} tensor(s) with another shape: {_examples(reshaped)}")
-        if prefixes is None and author.startswith("up2.checkpoint.convert"):
+        if prefixes is None and author.startswith(CONVERTER_AUTHOR):
             lines.append("  it was written by an older converter that declared nothing: convert it again")
         lines.append(_WHAT_TO_DO)
         raise IncompatibleCheckpointError("\n".join(lines))

@@ -9,7 +9,7 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.modeling import ShapeSpec, build_backbone
 
-from up2.checkpoint.efficientnet_lite import convert_efficientnet_lite
+from up2.checkpoint.sources.efficientnet_lite import convert_efficientnet_lite
 from up2.config import add_up2_config
 from up2.modeling.backbone.timm_backbone import TimmBackbone
 

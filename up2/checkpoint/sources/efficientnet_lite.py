@@ -14,9 +14,9 @@ from typing import Dict, Optional
 
 import torch
 
-__all__ = ["convert_efficientnet_lite", "timm_reference_shapes"]
+from up2.checkpoint.sources.renamed_tensors import RenamedTensors, StateDict
 
-StateDict = Dict[str, torch.Tensor]
+__all__ = ["convert_efficientnet_lite", "convert_efficientnet_lite_into", "timm_reference_shapes"]
 
 
 def timm_reference_shapes(arch: str) -> Dict[str, torch.Size]:
@@ -84,3 +84,13 @@ def convert_efficientnet_lite(state_dict: StateDict, prefix: str = "", arch: Opt
                          + (f"source tensor {extra[0]!r} has no counterpart" if extra
                             else f"timm's tensor {missing[0]!r} has no source tensor (the file ends early)"))
     return converted
+
+
+def convert_efficientnet_lite_into(state_dict: StateDict, prefix: str, out: RenamedTensors):
+    """Puts the timm-named tensors of :func:`convert_efficientnet_lite` into ``out`` under ``prefix``; the
+    classifier (``classifier.*``) is reported unmatched."""
+    for key, tensor in convert_efficientnet_lite(state_dict).items():
+        if key.startswith("classifier."):
+            out.unmatched.append(key)
+        else:
+            out.put(prefix + key, tensor, key)
