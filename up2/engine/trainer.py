@@ -43,15 +43,12 @@ from up2.checkpoint import AtomicCheckpointer, atomic_write_bytes
 from up2.checkpoint.checkpointer import remove_stale_temp_files
 from up2.config import get_task_entries
 from up2.engine.target_vocabulary import set_training_vocabularies
+from up2.task_specs import TASK_SPEC_REGISTRY
 
 __all__ = ["UP2Trainer", "AutocastTrainer", "SkippedSamplesHook", "amp_dtype", "create_ddp_model",
            "test_datasets_with_tasks", "write_eval_results"]
 
 logger = logging.getLogger(__name__)
-
-# Detectron2's evaluator_type metadata of each registration format -> up2 task type.
-_EVALUATOR_TYPE_TO_TASK = {"coco": "detection", "classification": "classification",
-                           "caption": "captioning", "mlm": "mlm"}
 
 
 def create_ddp_model(model: torch.nn.Module, **kwargs) -> torch.nn.Module:
@@ -87,12 +84,14 @@ def test_datasets_with_tasks(cfg) -> List[Tuple[str, str]]:
     if entries:
         return [(name, entry.type) for entry in entries for name in entry.test_datasets]
     pairs = []
+    # Detectron2's evaluator_type metadata of a dataset -> the task type whose spec claims it
+    task_of_evaluator_type = TASK_SPEC_REGISTRY.evaluator_types()
     for name in cfg.DATASETS.TEST:
         evaluator_type = MetadataCatalog.get(name).get("evaluator_type", None)
-        if evaluator_type not in _EVALUATOR_TYPE_TO_TASK:
+        if evaluator_type not in task_of_evaluator_type:
             raise ValueError(f"Cannot tell the task of test dataset '{name}' (evaluator_type="
                              f"{evaluator_type!r}); list it under DATASETS.UP2.TASKS[*].TEST_DATASETS")
-        pairs.append((name, _EVALUATOR_TYPE_TO_TASK[evaluator_type]))
+        pairs.append((name, task_of_evaluator_type[evaluator_type]))
     return pairs
 
 
@@ -373,7 +372,8 @@ def _dataset_vocabulary(model, dataset_name: str, task_type: str):
 
     model = model.module if isinstance(model, DistributedDataParallel) else model
     classes = MetadataCatalog.get(dataset_name).get("thing_classes", None)
-    if not hasattr(model, "set_vocabulary") or task_type not in ("detection", "classification") or not classes:
+    if (not hasattr(model, "set_vocabulary") or task_type not in TASK_SPEC_REGISTRY.class_name_task_types()
+            or not classes):
         yield
         return
     previous = model.vocabulary(task_type)

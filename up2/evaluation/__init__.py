@@ -1,7 +1,8 @@
 """Task evaluators (Detectron2 ``DatasetEvaluator``s) and result helpers.
 
 Each evaluator gathers its data across ranks and returns ``{task: {metric: value}}`` on the main
-process (``{}`` elsewhere); a dataset evaluated without predictions reports zeros with a warning.
+process (``{}`` elsewhere); a dataset evaluated without predictions reports NaN for every metric, with a
+warning (:mod:`up2.evaluation.no_predictions`).
 """
 from up2.evaluation.build import build_evaluator, flatten_results, format_results_table, print_results_table
 from up2.evaluation.caption import CaptionEvaluator, caption_scores, simple_ptb_tokenize, tokenize_captions

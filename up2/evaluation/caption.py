@@ -32,6 +32,8 @@ from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS
 
+from up2.evaluation.no_predictions import nan_results
+
 __all__ = ["caption_scores", "tokenize_captions", "simple_ptb_tokenize", "java_available", "CaptionEvaluator",
            "CAPTION_METRICS"]
 
@@ -184,7 +186,7 @@ def caption_scores(predictions: Mapping, references: Mapping, *, use_java: Optio
 
     Returns:
         ``{"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"(, "SPICE")}``; METEOR
-        (SPICE) missing when skipped; every metric 0 (with a warning) when there are no predictions.
+        (SPICE) missing when skipped; every metric NaN (with a warning) when there are no predictions.
     """
     missing = [k for k in predictions if k not in references]
     if missing:
@@ -193,8 +195,8 @@ def caption_scores(predictions: Mapping, references: Mapping, *, use_java: Optio
     if empty:
         raise ValueError(f"{len(empty)} images have an empty reference list, e.g. {empty[:5]}")
     if not predictions:
-        logger.warning("caption_scores: no predictions; reporting zeros")
-        return OrderedDict((m, 0.0) for m in CAPTION_METRICS + (("SPICE",) if use_spice else ()))
+        return nan_results("caption_scores", None,
+                           CAPTION_METRICS + (("SPICE",) if use_spice else ()))
     if use_java is None:
         use_java = java_available()
     ids = list(predictions)
@@ -273,8 +275,8 @@ class CaptionEvaluator(DatasetEvaluator):
             with open(os.path.join(self._output_dir, "caption_predictions.json"), "w") as f:
                 json.dump([{"image_id": k, "caption": v} for k, v in predictions.items()], f)
         if not predictions:
-            logger.warning("CaptionEvaluator: no predictions for '%s'; reporting zeros", self._dataset_name)
-            return OrderedDict(captioning=caption_scores({}, {}, use_spice=self._score_kwargs["use_spice"]))
+            metrics = CAPTION_METRICS + (("SPICE",) if self._score_kwargs["use_spice"] else ())
+            return OrderedDict(captioning=nan_results("CaptionEvaluator", self._dataset_name, metrics))
         results = caption_scores(predictions, self._references(list(predictions)), **self._score_kwargs)
         logger.info("Captioning on '%s' (%d images): %s", self._dataset_name, len(predictions), dict(results))
         return OrderedDict(captioning=results)

@@ -14,6 +14,8 @@ from detectron2.data import MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 
+from up2.evaluation.no_predictions import nan_results
+
 __all__ = ["true_class_rank", "topk_accuracy", "ClassificationEvaluator"]
 
 logger = logging.getLogger(__name__)
@@ -50,7 +52,7 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] 
         ks: the K values; the key of K is ``f"top{K}"`` (the requested K, even when capped).
 
     Returns:
-        ``{"top1": ..., "top5": ...}``; 0 for every K when N = 0.
+        ``{"top1": ..., "top5": ...}``; NaN for every K when N = 0.
     """
     ranks = true_class_rank(scores, labels)
     return _accuracy_from_ranks(ranks, scores.shape[1], ks)
@@ -60,7 +62,7 @@ def _accuracy_from_ranks(ranks: torch.Tensor, num_classes: int, ks: Sequence[int
     results = OrderedDict()
     for k in ks:
         hits = ranks < min(k, num_classes)
-        results[f"top{k}"] = float(hits.double().mean() * 100) if ranks.numel() else 0.0
+        results[f"top{k}"] = float(hits.double().mean() * 100) if ranks.numel() else float("nan")
     return results
 
 
@@ -116,8 +118,8 @@ class ClassificationEvaluator(DatasetEvaluator):
             ranks = list(itertools.chain(*[r for r, _ in gathered]))
             num_classes = max((c for _, c in gathered if c is not None), default=None)
         if not ranks:
-            logger.warning("ClassificationEvaluator: no predictions for '%s'; reporting zeros", self._dataset_name)
-            return OrderedDict(classification=OrderedDict((f"top{k}", 0.0) for k in self._ks))
+            return OrderedDict(classification=nan_results("ClassificationEvaluator", self._dataset_name,
+                                                          (f"top{k}" for k in self._ks)))
         results = _accuracy_from_ranks(torch.tensor(ranks), num_classes, self._ks)
         logger.info("Classification on '%s' (%d images, %d classes): %s", self._dataset_name, len(ranks),
                     num_classes, dict(results))

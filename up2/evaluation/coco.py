@@ -8,10 +8,9 @@
   in-memory single-category copy of the dataset's COCO json: nothing is written) and the predictions
   (every ``pred_classes`` becomes 0). This evaluates a class-agnostic region proposer;
 * a dataset evaluated without any prediction (``process`` never called, or no instance at all)
-  reports 0 for every metric with a warning, instead of ``{}`` / NaN, so result files keep their keys.
+  reports NaN for every metric with a warning, instead of ``{}``, so result files keep their keys.
 """
 import copy
-import logging
 from collections import OrderedDict
 from typing import Optional, Sequence
 
@@ -21,11 +20,11 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from pycocotools.coco import COCO
 
+from up2.evaluation.no_predictions import nan_results
+
 __all__ = ["UP2COCOEvaluator", "build_coco_evaluator", "single_category_coco"]
 
-logger = logging.getLogger(__name__)
-
-# Tasks reported (as zeros) when there is no prediction to infer them from: UPv2 predicts both.
+# Tasks reported (as NaN) when there is no prediction to infer them from: UPv2 predicts both.
 DEFAULT_EMPTY_TASKS = ("bbox", "segm")
 AGNOSTIC_CATEGORY = {"id": 1, "name": "object", "supercategory": "object"}
 
@@ -100,7 +99,6 @@ class UP2COCOEvaluator(COCOEvaluator):
         if results or not comm.is_main_process() or not self._do_evaluation:
             return results
         # COCOEvaluator returns {} when no rank produced any prediction.
-        logger.warning("UP2COCOEvaluator: no predictions for '%s'; reporting zeros", self._dataset_name)
         class_names = self._metadata.get("thing_classes")
         return OrderedDict((task, self._derive_coco_results(None, task, class_names))
                            for task in (self._tasks or DEFAULT_EMPTY_TASKS))
@@ -112,15 +110,12 @@ class UP2COCOEvaluator(COCOEvaluator):
     def _derive_coco_results(self, coco_eval, iou_type, class_names=None):
         if coco_eval is not None:
             return super()._derive_coco_results(coco_eval, iou_type, class_names=class_names)
-        # No instance at all: COCOEvaluator would report NaN; every metric is 0 here.
-        logger.warning("UP2COCOEvaluator: no %s predictions for '%s'; reporting zeros", iou_type,
-                       self._dataset_name)
+        # No instance at all: every metric (per-category APs included) is NaN.
         metrics = ["AP", "AP50", "AP75", "APm", "APl"] if iou_type == "keypoints" else \
             ["AP", "AP50", "AP75", "APs", "APm", "APl"]
-        results = OrderedDict((m, 0.0) for m in metrics)
         if class_names is not None and len(class_names) > 1:
-            results.update((f"AP-{name}", 0.0) for name in class_names)
-        return results
+            metrics += [f"AP-{name}" for name in class_names]
+        return nan_results("UP2COCOEvaluator", self._dataset_name, metrics, what=f"{iou_type} predictions")
 
 
 def build_coco_evaluator(dataset_name: str, output_dir: Optional[str] = None, *,

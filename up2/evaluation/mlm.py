@@ -8,6 +8,8 @@ import torch
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 
+from up2.evaluation.no_predictions import nan_results
+
 __all__ = ["mlm_metrics", "MLMEvaluator"]
 
 logger = logging.getLogger(__name__)
@@ -25,10 +27,10 @@ def mlm_metrics(num_correct: int, num_tokens: int, sum_log_prob: Optional[float]
         num_log_prob_tokens: tokens counted in ``sum_log_prob``.
 
     Returns:
-        ``{"accuracy": percent}`` plus ``"perplexity": exp(-sum_log_prob / num_log_prob_tokens)`` when
-        log-probabilities are given.
+        ``{"accuracy": percent}`` (NaN without tokens) plus ``"perplexity": exp(-sum_log_prob /
+        num_log_prob_tokens)`` when log-probabilities are given.
     """
-    results = OrderedDict(accuracy=100.0 * num_correct / num_tokens if num_tokens else 0.0)
+    results = OrderedDict(accuracy=100.0 * num_correct / num_tokens if num_tokens else float("nan"))
     if sum_log_prob is not None and num_log_prob_tokens:
         results["perplexity"] = math.exp(-sum_log_prob / num_log_prob_tokens)
     return results
@@ -91,9 +93,9 @@ class MLMEvaluator(DatasetEvaluator):
             counts = [sum(c[i] for c in gathered) for i in range(len(counts))]
         num_texts, num_tokens, num_correct, num_lp, sum_lp, num_inside = counts
         if num_tokens == 0:
-            logger.warning("MLMEvaluator: no masked tokens in the predictions for '%s' (%d texts); reporting "
-                           "zeros", self._dataset_name, num_texts)
-            return OrderedDict(mlm=OrderedDict(accuracy=0.0, perplexity=0.0))
+            return OrderedDict(mlm=nan_results(f"MLMEvaluator ({num_texts} texts)", self._dataset_name,
+                                               ("accuracy", "perplexity", "vocabulary_coverage"),
+                                               what="masked tokens in the predictions"))
         if 0 < num_lp < num_tokens:
             logger.warning("MLMEvaluator: perplexity of '%s' covers %d of %d masked tokens (the others had no "
                            "log-probability, or lie outside the target vocabulary)", self._dataset_name, num_lp,

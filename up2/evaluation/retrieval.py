@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 
+from up2.evaluation.no_predictions import nan_results
+
 __all__ = ["retrieval_recall", "RetrievalEvaluator"]
 
 logger = logging.getLogger(__name__)
@@ -56,7 +58,7 @@ def retrieval_recall(similarity: ArrayLike, text_to_image: ArrayLike, ks: Sequen
         raise ValueError(f"text_to_image values must be in [0, {num_images}); got range "
                          f"[{int(t2i.min())}, {int(t2i.max())}]")
     if num_texts == 0 or num_images == 0:
-        logger.warning("retrieval_recall: no images or no texts; every recall is reported as 0")
+        logger.warning("retrieval_recall: no images or no texts; every recall is NaN")
 
     # t2i: number of wrong images scoring >= the true image, per text.
     true_scores = sim[t2i, torch.arange(num_texts)] if num_texts else sim.new_zeros(0)
@@ -78,7 +80,7 @@ def retrieval_recall(similarity: ArrayLike, text_to_image: ArrayLike, ks: Sequen
                        int((~has_text).sum()), num_images)
 
     def recall(ranks: torch.Tensor, k: int) -> float:
-        return float((ranks < k).double().mean() * 100) if ranks.numel() else 0.0
+        return float((ranks < k).double().mean() * 100) if ranks.numel() else float("nan")
 
     results = OrderedDict()
     for k in ks:
@@ -135,9 +137,8 @@ class RetrievalEvaluator(DatasetEvaluator):
             if not comm.is_main_process():
                 return {}
         if not items:
-            logger.warning("RetrievalEvaluator: no predictions for '%s'; reporting zeros", self._dataset_name)
             keys = [f"{d}_R@{k}" for d in ("i2t", "t2i") for k in self._ks] + ["mean_R"]
-            return OrderedDict(retrieval=OrderedDict((key, 0.0) for key in keys))
+            return OrderedDict(retrieval=nan_results("RetrievalEvaluator", self._dataset_name, keys))
         images = F.normalize(torch.stack([image for _, image, _ in items]), dim=-1)  # (I, D)
         texts = F.normalize(torch.cat([text for _, _, text in items]), dim=-1)  # (T, D)
         text_to_image = torch.cat([torch.full((text.shape[0],), i, dtype=torch.long)

@@ -1,4 +1,6 @@
-"""Layers shared by the up2 models: multi-scale deformable attention (PyTorch, Triton, CUDA)."""
+"""Layers shared by the up2 models: multi-scale deformable attention (PyTorch, Triton, CUDA), export-friendly
+forms of operations."""
+from up2.layers.export_friendly import adaptive_avg_pool2d, is_exporting
 from up2.layers.ms_deform_attn import (
     MSDA_IMPLS,
     MSDAUnavailableError,
@@ -9,6 +11,8 @@ from up2.layers.ms_deform_attn import (
 from up2.layers.ms_deform_attn_pytorch import ms_deform_attn_grid_sample_reference, ms_deform_attn_pytorch
 
 __all__ = [
+    "adaptive_avg_pool2d",
+    "is_exporting",
     "MSDA_IMPLS",
     "MSDAUnavailableError",
     "MSDeformAttn",

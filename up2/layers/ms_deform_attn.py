@@ -7,7 +7,8 @@ released Deformable DETR / MaskDINO op, so their weights work unchanged:
   ``setup.py`` when nvcc is found); CUDA tensors, fp64 / fp32 / fp16 / bf16.
 - ``"triton"``: the Triton kernels of ``ms_deform_attn_triton.py``; CUDA tensors (or any tensor with
   ``TRITON_INTERPRET=1``), fp64 / fp32 / fp16 / bf16.
-- ``"pytorch"``: ``ms_deform_attn_pytorch.py``; any device, fp64 / fp32 / fp16 / bf16.
+- ``"pytorch"``: ``ms_deform_attn_pytorch.py``; any device, fp64 / fp32 / fp16 / bf16. While an ONNX
+  export traces the model it runs the per-level ``grid_sample`` form of the same op (ONNX GridSample).
 - ``"auto"`` (default, config key ``MODEL.UP2.MSDA_IMPL``): the extension for CUDA tensors when it
   is built, else Triton for CUDA tensors when it imports, else PyTorch. Each choice is logged once.
 
@@ -29,7 +30,8 @@ import os
 import torch
 from torch import nn
 
-from up2.layers.ms_deform_attn_pytorch import ms_deform_attn_pytorch
+from up2.layers.export_friendly import is_exporting
+from up2.layers.ms_deform_attn_pytorch import ms_deform_attn_grid_sample_reference, ms_deform_attn_pytorch
 
 __all__ = ["ms_deform_attn", "MSDeformAttn", "MSDA_IMPLS", "MSDAUnavailableError", "resolve_msda_impl"]
 
@@ -193,6 +195,11 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
     _log_choice(chosen, impl, value.device)
     coord_dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
     with torch.autocast(device_type=value.device.type, enabled=False):
+        if chosen == "pytorch" and is_exporting():
+            # ONNX has no embedding bag with per-sample weights (the exporters unroll it into a loop):
+            # an exported graph samples each level with GridSample instead (same values)
+            return ms_deform_attn_grid_sample_reference(value, spatial_shapes, level_start_index,
+                                                        sampling_locations, attention_weights)
         if chosen == "pytorch":
             return ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations,
                                           attention_weights)

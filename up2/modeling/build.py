@@ -6,9 +6,12 @@ Each registry holds classes built from the config (Detectron2 ``@configurable`` 
 * ``GLOBAL_POOL_REGISTRY``: global image representations (``MODEL.UP2.GLOBAL_POOL.NAME``);
 * ``TEXT_ENCODER_REGISTRY``: text encoders (``MODEL.UP2.TEXT_ENCODER.ARCH``);
 * ``DECODER_REGISTRY``: the unified decoder g (``MODEL.UP2.DECODER.NAME``);
-* ``TASK_REGISTRY``: task formulations (one per task type of ``DATASETS.UP2.TASKS``).
+* ``TASK_REGISTRY``: task formulations (task heads); each task type names its head in its
+  :class:`~up2.task_specs.TaskSpec`.
 """
 from detectron2.utils.registry import Registry
+
+from up2.task_specs import TASK_SPEC_REGISTRY
 
 __all__ = [
     "PROPOSER_REGISTRY", "GLOBAL_POOL_REGISTRY", "TEXT_ENCODER_REGISTRY", "DECODER_REGISTRY", "TASK_REGISTRY",
@@ -48,11 +51,10 @@ def build_unified_decoder(cfg):
 
 
 def build_task(cfg, task_type: str, **kwargs):
-    """Builds the registered task formulation whose ``task_type`` attribute is ``task_type`` (extra
-    ``from_config`` kwargs allowed)."""
-    matches = [obj for _, obj in TASK_REGISTRY if getattr(obj, "task_type", None) == task_type]
-    if len(matches) != 1:
-        known = sorted(getattr(obj, "task_type", "?") for _, obj in TASK_REGISTRY)
-        raise KeyError(f"TASK_REGISTRY has {len(matches)} formulations of task type {task_type!r} (expected "
-                       f"exactly one; registered task types: {known})")
-    return matches[0](cfg, **kwargs)
+    """Builds the head that the :class:`~up2.task_specs.TaskSpec` of ``task_type`` names in ``TASK_REGISTRY``
+    (extra ``from_config`` kwargs allowed)."""
+    head = TASK_REGISTRY.get(TASK_SPEC_REGISTRY.get(task_type).head)
+    if getattr(head, "task_type", None) != task_type:
+        raise ValueError(f"TASK_REGISTRY entry {head.__name__} has task_type {getattr(head, 'task_type', None)!r}; "
+                         f"the spec of task type {task_type!r} names it")
+    return head(cfg, **kwargs)

@@ -1,5 +1,5 @@
 """timm or Microsoft Swin-Transformer weights -> the current timm names kept by
-:class:`~up2.modeling.backbone.SwinBackbone`.
+:class:`~up2.modeling.image_encoder.backbone.SwinBackbone`.
 
 The official layout (also older timm) ends each stage with its ``downsample``; current timm starts the
 next stage with it: the layout is detected from the keys and ``layers.{i}.downsample`` moved to

@@ -1,4 +1,4 @@
-"""Attention masks of the unified decoder (DESIGN.md §6, Uni-Perceiver v1 Appendix B).
+"""Attention masks of the unified decoder (``docs/architecture.md``, Uni-Perceiver v1 Appendix B).
 
 Boolean masks use True = "query may attend to key", shape (..., Q, K); :func:`to_additive_mask` turns
 them into float masks (0 / -inf) for ``scaled_dot_product_attention`` / ``nn.MultiheadAttention``.

@@ -198,7 +198,7 @@ class UnifiedDecoder(nn.Module):
                 prepend_spe: bool = True, cache=None, cache_keep: Optional[int] = None) -> DecoderOutput:
         """
         Args:
-            task: task type (routing attribute), one of ``up2.config.TASK_TYPES``.
+            task: task type (routing attribute), a registered one (``up2.task_specs``).
             segments: the parts of the sequence, in order.
             attn_mask: (L, K) or (B, L, K) bool, True = may attend, over ``[cache (if any), sequence]``
                 keys; default: bidirectional over non-padding tokens.

@@ -12,11 +12,11 @@ from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
 from detectron2.structures import ImageList
 from torch import nn
 
-from up2.modeling import proposer as _proposer  # noqa: F401  (registers DeformableRegionProposer)
-from up2.modeling.preprocessing import batch_images
 from up2.modeling.build import build_proposer
+from up2.modeling.image_encoder.proposer import DeformableRegionProposer  # noqa: F401  (registers it)
+from up2.modeling.image_encoder.proposer.targets import instances_to_targets
 from up2.modeling.postprocessing import detections_to_instances
-from up2.modeling.proposer.targets import instances_to_targets
+from up2.modeling.preprocessing import batch_images
 
 __all__ = ["ProposalDetector", "instances_to_targets"]
 
@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 @META_ARCH_REGISTRY.register()
 class ProposalDetector(nn.Module):
-    """Backbone + :class:`~up2.modeling.proposer.DeformableRegionProposer`, class-agnostic.
+    """Backbone + :class:`~up2.modeling.image_encoder.proposer.DeformableRegionProposer`, class-agnostic.
 
     Args:
         backbone: a Detectron2 backbone with the proposer's input levels.

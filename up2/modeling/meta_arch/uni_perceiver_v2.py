@@ -15,19 +15,17 @@ from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY
 from torch import nn
 
-from up2.config import TASK_TYPES, get_task_entries
-from up2.modeling.preprocessing import batch_images
+from up2.config import get_task_entries
 from up2.modeling.build import build_task, build_text_encoder, build_unified_decoder
 from up2.modeling.image_encoder import ImageEncoder
+from up2.modeling.preprocessing import batch_images
 from up2.modeling.similarity import SimilarityHead
 from up2.modeling.tasks.targets import TargetEncoder
+from up2.task_specs import TASK_SPEC_REGISTRY
 
 __all__ = ["UniPerceiverV2"]
 
 logger = logging.getLogger(__name__)
-
-# Tasks whose target set is a list of class names (open vocabulary).
-CLASS_NAME_TASKS = ("detection", "classification")
 
 
 @META_ARCH_REGISTRY.register()
@@ -38,7 +36,8 @@ class UniPerceiverV2(nn.Module):
         text_encoder: a ``TEXT_ENCODER_REGISTRY`` module (tokenize / encode_ids / projection).
         decoder: the unified decoder (``DECODER_REGISTRY``).
         head: :class:`~up2.modeling.similarity.SimilarityHead` with one temperature per task type.
-        tasks: task type -> task module (``TASK_REGISTRY``).
+        tasks: task type -> task module (``TASK_REGISTRY``), every registered task type
+            (:mod:`up2.task_specs`) in registration order.
         targets: :class:`~up2.modeling.tasks.targets.TargetEncoder` (class names, vocabulary).
         image_token_dim: width of the image encoder's tokens (projected to the decoder width).
         pixel_mean, pixel_std: input normalisation; size_divisibility: padding of batched images.
@@ -52,6 +51,8 @@ class UniPerceiverV2(nn.Module):
         super().__init__()
         self.image_encoder, self.text_encoder, self.decoder, self.head = image_encoder, text_encoder, decoder, head
         self.tasks = nn.ModuleDict(dict(tasks))
+        # tasks whose target set is a list of class names (open vocabulary)
+        self.class_name_tasks = tuple(task for task in self.tasks if task in TASK_SPEC_REGISTRY.class_name_task_types())
         self.targets = targets
         self.image_projection = nn.Sequential(nn.Linear(image_token_dim, decoder.dim), nn.LayerNorm(decoder.dim))
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
@@ -64,18 +65,18 @@ class UniPerceiverV2(nn.Module):
     def from_config(cls, cfg):
         image_encoder = ImageEncoder(cfg)
         tasks = {}
-        for task_type in TASK_TYPES:
+        for spec in TASK_SPEC_REGISTRY.specs():
             kwargs = {}
-            if task_type in CLASS_NAME_TASKS:
-                datasets = _class_name_datasets(cfg, task_type)
+            if spec.has_class_names:
+                datasets = _class_name_datasets(cfg, spec.task_type)
                 kwargs["class_names"] = _default_class_names(datasets)
                 kwargs["class_names_datasets"] = datasets
-            tasks[task_type] = build_task(cfg, task_type, **kwargs)
+            tasks[spec.task_type] = build_task(cfg, spec.task_type, **kwargs)
         return {
             "image_encoder": image_encoder,
             "text_encoder": build_text_encoder(cfg),
             "decoder": build_unified_decoder(cfg),
-            "head": SimilarityHead(cfg, groups=TASK_TYPES),
+            "head": SimilarityHead(cfg, groups=tuple(tasks)),
             "tasks": tasks,
             "targets": TargetEncoder(cfg.MODEL.UP2.HEAD.VOCAB_CHUNK_SIZE, cfg.MODEL.UP2.HEAD.VOCAB_CHECKPOINT,
                                      class_targets_grad=cfg.MODEL.UP2.HEAD.CLASS_TARGETS_GRAD,
@@ -117,15 +118,15 @@ class UniPerceiverV2(nn.Module):
 
     # ------------------------------------------------------------------ vocabulary
     def set_vocabulary(self, task: str, class_names: Sequence[str]):
-        """Replaces the class names (target set) of ``task`` ("detection" or "classification") without
-        retraining: predictions then range over ``class_names``.
+        """Replaces the class names (target set) of ``task`` (a task with class names: "detection",
+        "classification") without retraining: predictions then range over ``class_names``.
 
         Raises:
             ValueError: another task, an empty list, an empty or duplicate name.
         """
-        if task not in CLASS_NAME_TASKS:
+        if task not in self.class_name_tasks:
             raise ValueError(f"set_vocabulary: task {task!r} has no class vocabulary; expected one of "
-                             f"{list(CLASS_NAME_TASKS)}")
+                             f"{list(self.class_name_tasks)}")
         self.tasks[task].set_class_names(class_names)
 
     def vocabulary(self, task: str) -> Optional[List[str]]:
@@ -186,7 +187,7 @@ class UniPerceiverV2(nn.Module):
         missing = [i for i, t in enumerate(tasks) if t is None]
         if missing:
             raise ValueError(f"UniPerceiverV2: input(s) {missing} of the batch have no 'task' key; expected one of "
-                             f"{list(TASK_TYPES)}")
+                             f"{list(self.tasks)}")
         unknown = sorted({t for t in tasks if t not in self.tasks})
         if unknown:
             raise ValueError(f"UniPerceiverV2: unknown task(s) {unknown}; expected one of {list(self.tasks)}")

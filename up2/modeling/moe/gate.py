@@ -7,7 +7,7 @@ attributes, and every token of the segment is routed by that vector:
 ====  ===========  ============================================================
  idx  name         values
 ====  ===========  ============================================================
-  0   task         index of the task type in ``up2.config.TASK_TYPES``
+  0   task         index of the task type among the registered ones (``up2.task_specs``)
   1   modality     ``MODALITY_IMAGE`` (0) or ``MODALITY_TEXT`` (1)
   2   side         ``SIDE_INPUT`` (0) or ``SIDE_TARGET`` (1)
   3   causal       0 (bidirectional attention) or 1 (causal attention)
@@ -22,31 +22,37 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from up2.config import TASK_TYPES
+from up2.task_specs import BUILTIN_TASK_TYPES, TASK_SPEC_REGISTRY
 
 __all__ = [
     "AttributeGate", "ATTRIBUTE_NAMES", "DEFAULT_NUM_ATTRIBUTE_VALUES",
-    "MODALITY_IMAGE", "MODALITY_TEXT", "SIDE_INPUT", "SIDE_TARGET", "make_attributes",
+    "MODALITY_IMAGE", "MODALITY_TEXT", "SIDE_INPUT", "SIDE_TARGET", "make_attributes", "num_attribute_values",
 ]
 
 ATTRIBUTE_NAMES = ("task", "modality", "side", "causal")
 MODALITY_IMAGE, MODALITY_TEXT = 0, 1
 SIDE_INPUT, SIDE_TARGET = 0, 1
-# Number of values of each attribute: the task types of up2.config, then three binary attributes.
-DEFAULT_NUM_ATTRIBUTE_VALUES = (len(TASK_TYPES), 2, 2, 2)
+# Number of values of each attribute: the built-in task types, then three binary attributes.
+DEFAULT_NUM_ATTRIBUTE_VALUES = (len(BUILTIN_TASK_TYPES), 2, 2, 2)
+
+
+def num_attribute_values() -> Tuple[int, int, int, int]:
+    """Number of values of each attribute for the task types registered now."""
+    return (len(TASK_SPEC_REGISTRY.task_types()), 2, 2, 2)
 
 
 def make_attributes(task: str, modality: int, side: int, causal: bool) -> Tuple[int, int, int, int]:
     """Attribute tuple of one segment, e.g. ``make_attributes("captioning", MODALITY_TEXT, SIDE_INPUT, True)``.
 
     Raises:
-        ValueError: for a task type not in ``TASK_TYPES`` or a modality / side outside {0, 1}.
+        ValueError: for a task type that is not registered or a modality / side outside {0, 1}.
     """
-    if task not in TASK_TYPES:
-        raise ValueError(f"make_attributes: unknown task type {task!r}; valid types are {list(TASK_TYPES)}")
+    task_types = TASK_SPEC_REGISTRY.task_types()
+    if task not in task_types:
+        raise ValueError(f"make_attributes: unknown task type {task!r}; valid types are {list(task_types)}")
     if modality not in (MODALITY_IMAGE, MODALITY_TEXT) or side not in (SIDE_INPUT, SIDE_TARGET):
         raise ValueError(f"make_attributes: modality and side must be 0 or 1, got {modality!r}, {side!r}")
-    return (TASK_TYPES.index(task), int(modality), int(side), int(bool(causal)))
+    return (task_types.index(task), int(modality), int(side), int(bool(causal)))
 
 
 class AttributeGate(nn.Module):

@@ -9,7 +9,7 @@ segment the FFN whose parameters are the gate-weighted mixture of the selected e
 
 This is *not* the output mixture ``sum_e g_e FFN_e(x)`` of token-level MoEs: the two agree only for the
 first (linear) layer; the GELU in between makes them different functions. We choose weight-space mixing
-(as in parameter-merged / "soft merging of experts" MoEs, and as DESIGN.md §6 describes UPv2's
+(as in parameter-merged / "soft merging of experts" MoEs, and as ``docs/architecture.md`` describes UPv2's
 attribute-level MoE: W = g1 W_a + g2 W_b, one dense matmul) because routing is constant over a segment:
 the mixed weights are built once per distinct routing (a few per batch) and each token costs ONE dense
 FFN instead of k, i.e. near-dense cost. Gradients still reach only the gate and the selected experts.
@@ -29,8 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from up2.modeling.moe.experts import ExpertFFNs, mixed_expert_ffn
-from up2.modeling.moe.gate import DEFAULT_NUM_ATTRIBUTE_VALUES, AttributeGate
+from up2.layers import is_exporting
+from up2.modeling.moe.experts import ExpertFFNs, grouped_ffn, mixed_expert_ffn
+from up2.modeling.moe.gate import DEFAULT_NUM_ATTRIBUTE_VALUES, AttributeGate, num_attribute_values
 
 __all__ = ["ConditionalMoEFFN", "FFN", "RoutingPlan", "build_routing_plan", "build_ffn"]
 
@@ -131,6 +132,17 @@ class ConditionalMoEFFN(nn.Module):
         fraction = (weights[:, None] * assigned).sum(0)
         return num_experts * (fraction * probs).sum()
 
+    def _traceable_ffn(self, x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor,
+                       plan: RoutingPlan) -> torch.Tensor:
+        """The values of :func:`mixed_expert_ffn` from out-of-place ops (mixed weights, then one FFN per
+        routing), for graph export: the fused path writes into slices of its outputs in place, which a
+        traced graph does not record. x (N, d) -> (N, d)."""
+        dense_gates = gates.new_zeros(gates.shape[0], self.experts.num_experts).scatter_add(1, indices, gates)
+        w1, b1, w2, b2 = self.experts.merged(dense_gates)
+        x_sorted = x if plan.contiguous else x.index_select(0, plan.order)
+        y = grouped_ffn(x_sorted, plan.counts, w1, b1, w2, b2, self.dropout, self.training)
+        return y if plan.contiguous else y.index_select(0, plan.inverse)
+
     def forward(self, x: torch.Tensor, segment_attributes: Optional[torch.Tensor] = None,
                 segment_ids: Optional[torch.Tensor] = None, plan: Optional[RoutingPlan] = None):
         """
@@ -154,7 +166,9 @@ class ConditionalMoEFFN(nn.Module):
         order, inverse = (None, None) if plan.contiguous else (plan.order, plan.inverse)
         args = (indices.tolist(), plan.counts, e.w1, e.b1, e.w2, e.b2, order, inverse, self.dropout, self.training)
         device_type = x.device.type
-        if torch.is_autocast_enabled(device_type):  # like F.linear under autocast: computed in the autocast dtype
+        if is_exporting():
+            y = self._traceable_ffn(x.reshape(-1, dim), indices, gates, plan)
+        elif torch.is_autocast_enabled(device_type):  # like F.linear under autocast: computed in the autocast dtype
             with torch.autocast(device_type, enabled=False):
                 y = mixed_expert_ffn(x.reshape(-1, dim).to(torch.get_autocast_dtype(device_type)), gates, *args)
         else:
@@ -187,12 +201,12 @@ class FFN(nn.Module):
 
 def build_ffn(cfg, d_model: int, ffn_dim: int) -> nn.Module:
     """:class:`ConditionalMoEFFN` if ``MODEL.UP2.MOE.ENABLED`` else :class:`FFN`; dropout is
-    ``MODEL.UP2.DECODER.DROPOUT``; the task attribute takes ``len(up2.config.TASK_TYPES)`` values."""
+    ``MODEL.UP2.DECODER.DROPOUT``; the task attribute takes one value per registered task type."""
     moe, dropout = cfg.MODEL.UP2.MOE, cfg.MODEL.UP2.DECODER.DROPOUT
     if not moe.ENABLED:
         return FFN(d_model, ffn_dim, dropout)
     if moe.BALANCE_LOSS_WEIGHT < 0:
         raise ValueError(f"MODEL.UP2.MOE.BALANCE_LOSS_WEIGHT must be >= 0, got {moe.BALANCE_LOSS_WEIGHT}")
     return ConditionalMoEFFN(d_model, ffn_dim, num_experts=moe.NUM_EXPERTS, top_k=moe.TOP_K,
-                             num_attribute_values=DEFAULT_NUM_ATTRIBUTE_VALUES, dropout=dropout,
+                             num_attribute_values=num_attribute_values(), dropout=dropout,
                              balance_loss_weight=moe.BALANCE_LOSS_WEIGHT)

@@ -20,7 +20,8 @@ class TaskHead(nn.Module):
     """Base class: ``forward(model, batched_inputs)`` returns losses in training, outputs in inference.
 
     Attributes:
-        task_type: one of ``up2.config.TASK_TYPES``; also the task group of the similarity temperature.
+        task_type: a registered task type (``up2.task_specs``); also the task group of the similarity
+            temperature.
     """
 
     task_type = ""

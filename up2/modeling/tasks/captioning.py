@@ -1,4 +1,4 @@
-"""Image captioning in the unified formulation (DESIGN.md §6, Uni-Perceiver v1).
+"""Image captioning in the unified formulation (``docs/architecture.md``, Uni-Perceiver v1).
 
 Training sequence ``[<SPE>, image tokens, w_0..w_{T-1}, <spe>_0..<spe>_{T-1}]`` with the mask of
 :func:`~up2.modeling.decoder.caption_training_mask`: placeholder ``<spe>_i`` sees the image side and the
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 
 from up2.modeling.build import TASK_REGISTRY
-from up2.modeling.decoder.attention_masks import caption_decoding_step, caption_training_mask
+from up2.modeling.decoder.attention_masks import caption_decoding_step, caption_position_ids, caption_training_mask
 from up2.modeling.decoder.unified_decoder import Segment, image_segment
 from up2.modeling.moe import MODALITY_TEXT, SIDE_INPUT
 from up2.modeling.tasks.base import TaskHead, vocabulary_logits
@@ -83,10 +83,12 @@ class CaptioningTask(TaskHead):
         images, padding_mask = model.preprocess_images(batched_inputs)
         image = model.encode_images(images.tensor, padding_mask)
         num_image, num_words = image["tokens"].shape[1], words.shape[1]
-        positions = torch.arange(num_words, device=words.device)
+        # text positions of the words and of the placeholders (the image side has none)
+        positions = caption_position_ids(num_image, num_words, device=words.device)[1 + num_image:]
+        word_positions, placeholder_positions = positions[:num_words], positions[num_words:]
         segments = [image_segment(image["tokens"], image["padding_mask"], SIDE_INPUT),
-                    Segment(words, MODALITY_TEXT, SIDE_INPUT, True, word_padding, positions),
-                    self._placeholders(model, words.shape[0], positions, word_padding)]
+                    Segment(words, MODALITY_TEXT, SIDE_INPUT, True, word_padding, word_positions),
+                    self._placeholders(model, words.shape[0], placeholder_positions, word_padding)]
         attn_mask = caption_training_mask(num_image, num_words, image["padding_mask"], word_padding)
         hidden = model.decoder(self.task_type, segments, attn_mask=attn_mask).hidden
         return vocabulary_logits(model, self.task_type, hidden[:, 1 + num_image + num_words:]), targets
@@ -126,13 +128,14 @@ class CaptioningTask(TaskHead):
             """tokens (N, 1): the start token at the first call, then the last chosen word."""
             prefix = torch.cat([state["prefix"], tokens], dim=1)  # <s> w_0 .. w_{t-1}
             t = prefix.shape[1] - 1  # words decoded so far
+            plan = caption_decoding_step(t, num_image_side, state["image_padding"])
+            # plan.position_ids: [t - 1, t] for [w_{t-1}, <spe>_t], or [0] for [<spe>_0] at t = 0
+            positions = plan.position_ids.to(model.device)
             segments = []
             if t > 0:
                 word = self._word_features(model, prefix, torch.ones_like(prefix))[:, -1:]
-                segments.append(Segment(word, MODALITY_TEXT, SIDE_INPUT, True, None,
-                                        torch.tensor([t - 1], device=model.device)))
-            segments.append(self._placeholders(model, prefix.shape[0], torch.tensor([t], device=model.device)))
-            plan = caption_decoding_step(t, num_image_side, state["image_padding"])
+                segments.append(Segment(word, MODALITY_TEXT, SIDE_INPUT, True, None, positions[:1]))
+            segments.append(self._placeholders(model, prefix.shape[0], positions[-1:]))
             out = model.decoder(self.task_type, segments, attn_mask=plan.attn_mask, prepend_spe=False,
                                 cache=state["cache"], cache_keep=plan.num_keep)
             logits = vocabulary_logits(model, self.task_type, out.hidden[:, -1]).float()

@@ -11,13 +11,19 @@ from up2.modeling.decoder.unified_decoder import image_segment
 from up2.modeling.moe import SIDE_INPUT
 from up2.modeling.tasks.base import ClassNamesMixin, TaskHead
 
-__all__ = ["ClassificationTask", "encode_image_spe"]
+__all__ = ["ClassificationTask", "encode_image_spe", "image_tensor_spe"]
 
 
 def encode_image_spe(model, task: str, batched_inputs: List[Dict]) -> torch.Tensor:
     """(B, d) decoder ``<SPE>`` outputs of the images of ``batched_inputs`` (sequence [<SPE>, image tokens])."""
     images, padding_mask = model.preprocess_images(batched_inputs)
-    image = model.encode_images(images.tensor, padding_mask)
+    return image_tensor_spe(model, task, images.tensor, padding_mask)
+
+
+def image_tensor_spe(model, task: str, images: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+    """(B, d) decoder ``<SPE>`` outputs of normalised, padded ``images`` (B, 3, H, W) with their (B, H, W)
+    padding mask (True at padding)."""
+    image = model.encode_images(images, padding_mask)
     return model.decoder(task, [image_segment(image["tokens"], image["padding_mask"], SIDE_INPUT)]).hidden[:, 0]
 
 

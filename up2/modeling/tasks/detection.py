@@ -6,24 +6,68 @@ proposer's Hungarian matches give every matched token its class; unmatched token
 (weighted by ``NO_OBJECT_WEIGHT``, as DETR). Boxes and masks are the proposer's; its losses are added.
 At inference the (token, class) pairs with the best scores become detections.
 """
-from typing import Dict, List
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
+from detectron2.structures import Instances
 from torch import nn
 
 from up2.modeling.build import TASK_REGISTRY
 from up2.modeling.decoder.unified_decoder import image_segment
+from up2.modeling.image_encoder.proposer.targets import instances_to_targets
 from up2.modeling.moe import SIDE_INPUT
 from up2.modeling.postprocessing import detections_to_instances
-from up2.modeling.proposer.targets import instances_to_targets
 from up2.modeling.tasks.base import ClassNamesMixin, TaskHead
 
-__all__ = ["DetectionTask", "DETECTION_SCORES"]
+__all__ = ["DetectionTask", "DETECTION_SCORES", "detection_class_targets", "no_object_weighted_cross_entropy"]
 
 DETECTION_SCORES = ("class", "class_x_objectness")
 
+
+def detection_class_targets(matched_token_indices: Sequence[Tuple[torch.Tensor, torch.Tensor]],
+                            instances: Sequence[Instances], num_tokens: int, num_classes: int, device,
+                            class_names: Optional[Sequence[str]] = None) -> torch.Tensor:
+    """The class target of every regional token: its matched ground truth's class, else "no object".
+
+    Args:
+        matched_token_indices: B pairs ``(token_idx, gt_idx)`` of (M_b,) long tensors from the proposer:
+            token_idx in [0, O), gt_idx into the image's ground truth with a non-empty box (the order of
+            :func:`~up2.modeling.image_encoder.proposer.targets.instances_to_targets`).
+        instances: B ``Instances`` with ``gt_boxes`` and ``gt_classes``.
+        num_tokens: O, regional tokens per image.
+        num_classes: C; index C is "no object".
+        device: of the result.
+        class_names: named in the error.
+
+    Returns:
+        (B, O) long, values in [0, C].
+
+    Raises:
+        ValueError: a ground-truth class id >= C (the vocabulary does not match the dataset).
+    """
+    labels = torch.full((len(instances), num_tokens), num_classes, dtype=torch.long, device=device)
+    for b, ((token_idx, gt_idx), inst) in enumerate(zip(matched_token_indices, instances)):
+        gt_classes = inst.gt_classes[inst.gt_boxes.nonempty(threshold=0.0)]  # as instances_to_targets
+        if gt_classes.numel() and int(gt_classes.max()) >= num_classes:
+            raise ValueError(f"Detection class id {int(gt_classes.max())} >= {num_classes} class names "
+                             f"{class_names}: the vocabulary does not match the dataset")
+        labels[b, token_idx] = gt_classes[gt_idx]
+    return labels
+
+
+def no_object_weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
+                                     no_object_weight: float) -> torch.Tensor:
+    """Cross-entropy of (B, O, C + 1) logits against (B, O) labels in which "no object" (index C, the last)
+    weighs ``no_object_weight`` and every class 1 (as DETR): ``sum_i w_i * -log p_i(y_i) / sum_i w_i``.
+
+    Returns:
+        0-dim float32 loss.
+    """
+    weight = logits.new_ones(logits.shape[-1])
+    weight[-1] = no_object_weight
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), weight=weight.float())
 
 @TASK_REGISTRY.register()
 class DetectionTask(ClassNamesMixin, TaskHead):
@@ -66,8 +110,11 @@ class DetectionTask(ClassNamesMixin, TaskHead):
                 "detections_per_image": test.DETECTIONS_PER_IMAGE, "score_thresh": test.SCORE_THRESH,
                 "mask_threshold": test.MASK_THRESHOLD, "score": test.DETECTION_SCORE}
 
-    def class_logits(self, model, image: Dict) -> torch.Tensor:
-        """(B, O, C + 1) logits of every regional token against the classes and "no object" (last)."""
+    def class_logits(self, model, image: Dict, class_targets: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, O, C + 1) logits of every regional token against the classes and "no object" (last).
+
+        ``class_targets``: (C, d) class-name embeddings computed beforehand (e.g. constants of an exported
+        graph); None computes them from the current class names."""
         segments = [image_segment(image["tokens"], image["padding_mask"], SIDE_INPUT)]
         start = 1  # after <SPE>
         if image["regional_start"] is None:  # "global" image tokens: append the regional ones
@@ -77,7 +124,9 @@ class DetectionTask(ClassNamesMixin, TaskHead):
             start += image["regional_start"]
         hidden = model.decoder(self.task_type, segments).hidden
         regional = hidden[:, start:start + image["regional_tokens"].shape[1]]
-        targets = torch.cat([self.class_embeddings(model), self.no_object[None].to(regional.dtype)])
+        if class_targets is None:
+            class_targets = self.class_embeddings(model)
+        targets = torch.cat([class_targets, self.no_object[None].to(regional.dtype)])
         return model.head(regional, targets, self.task_type)
 
     def losses(self, model, batched_inputs: List[Dict]) -> Dict[str, torch.Tensor]:
@@ -86,17 +135,9 @@ class DetectionTask(ClassNamesMixin, TaskHead):
         proposer_targets = instances_to_targets(instances, images.tensor.shape[-2:], model.device)
         image = model.encode_images(images.tensor, padding_mask, proposer_targets)
         logits = self.class_logits(model, image)  # (B, O, C + 1)
-        num_classes = logits.shape[-1] - 1
-        labels = torch.full(logits.shape[:2], num_classes, dtype=torch.long, device=logits.device)
-        for b, ((token_idx, gt_idx), inst) in enumerate(zip(image["matched_token_indices"], instances)):
-            gt_classes = inst.gt_classes[inst.gt_boxes.nonempty(threshold=0.0)]  # as instances_to_targets
-            if gt_classes.numel() and int(gt_classes.max()) >= num_classes:
-                raise ValueError(f"Detection class id {int(gt_classes.max())} >= {num_classes} class names "
-                                 f"{self.class_names}: the vocabulary does not match the dataset")
-            labels[b, token_idx] = gt_classes[gt_idx]
-        weight = logits.new_ones(num_classes + 1)
-        weight[-1] = self.no_object_weight
-        loss_class = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), weight=weight.float())
+        labels = detection_class_targets(image["matched_token_indices"], instances, logits.shape[1],
+                                         logits.shape[-1] - 1, logits.device, self.class_names)
+        loss_class = no_object_weighted_cross_entropy(logits, labels, self.no_object_weight)
         losses = dict(image["losses"])
         losses["loss_class"] = self.class_weight * loss_class
         return losses

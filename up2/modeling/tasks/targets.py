@@ -1,4 +1,5 @@
-"""Target sets encoded by the shared network (DESIGN.md §6): class names and the token vocabulary.
+"""Target sets encoded by the shared network: class names and the token vocabulary (``docs/architecture.md``,
+"Target sets").
 
 Every target is a text sequence through the text encoder and the unified decoder on the *target side*;
 its ``<SPE>`` output represents it. Class names are encoded as ``<s> name </s>`` (with a leading space,

@@ -1,4 +1,0 @@
-"""Backbones: any timm model (``build_timm_backbone``) and timm Swin (``build_swin_backbone``); ResNets
-come from Detectron2."""
-from up2.modeling.backbone.swin import SwinBackbone, build_swin_backbone  # noqa: F401
-from up2.modeling.backbone.timm_backbone import TimmBackbone, build_timm_backbone  # noqa: F401
