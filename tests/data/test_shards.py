@@ -23,7 +23,8 @@ from up2.data.datasets import DatasetNotFoundError, register_caption_dataset, re
 from up2.data.mappers import CaptioningMapper
 from up2.data.bad_samples import skipped_sample_counts
 from up2.data.shards import ImageTextShards, worker_shard_slices
-from up2.data.streams import TaskStream, is_streaming_dataset
+from up2.data.catalog import is_streaming_dataset
+from up2.data.streams import TaskStream
 
 
 def unique(name):

@@ -16,20 +16,20 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch.utils.data as torchdata
 from detectron2.data import (DatasetCatalog, DatasetFromList, MapDataset, build_detection_test_loader,
-                             build_detection_train_loader, get_detection_dataset_dicts)
+                             build_detection_train_loader)
 from detectron2.data.build import trivial_batch_collator
 from detectron2.data.samplers import InferenceSampler, RepeatFactorTrainingSampler, TrainingSampler
 from detectron2.utils import comm
 
 from up2.config import TaskEntry, get_task_entries
 from up2.data.bad_samples import BadSampleTracker, SkippingMapDataset
+from up2.data.catalog import is_streaming_dataset, load_task_dataset_dicts
 from up2.data.mappers import build_mapper
 from up2.data.samplers import WeightedDatasetSampler, dataset_sampling_weights
-from up2.data.streams import build_streaming_test_loader, build_streaming_train_loader, is_streaming_dataset
+from up2.data.streams import build_streaming_test_loader, build_streaming_train_loader
 
 __all__ = ["build_task_train_loader", "build_task_test_loader", "build_task_train_loaders", "task_bad_sample_tracker",
-           "load_task_dataset_dicts", "mixed_batch_sizes", "sampled_task_batch_sizes", "task_loader_seed",
-           "MultiTaskDataLoader"]
+           "mixed_batch_sizes", "sampled_task_batch_sizes", "task_loader_seed", "MultiTaskDataLoader"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,29 +40,6 @@ def task_loader_seed(cfg, task_name: str) -> Optional[int]:
     if cfg.SEED < 0:
         return None
     return (int(cfg.SEED) + zlib.crc32(task_name.encode())) % 2 ** 31
-
-
-def load_task_dataset_dicts(cfg, task_type: str, dataset_names: Sequence[str]):
-    """Loads each training dataset of a task.
-
-    Returns:
-        (list[dict], list[int]): the concatenated dataset dicts and the size of each dataset.
-        Detection datasets drop images without annotations when ``DATALOADER.FILTER_EMPTY_ANNOTATIONS``.
-    """
-    dicts, sizes = [], []
-    for name in dataset_names:
-        if is_streaming_dataset(name):
-            raise ValueError(f"Dataset '{name}' is stored as tar shards and has no list of dicts; "
-                             "build_task_train_loader streams it")
-        if task_type == "detection":
-            items = get_detection_dataset_dicts([name], filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
-        else:
-            items = DatasetCatalog.get(name)
-        if not items:
-            raise ValueError(f"Training dataset '{name}' of the {task_type} task has no items")
-        dicts.extend(items)
-        sizes.append(len(items))
-    return dicts, sizes
 
 
 def task_bad_sample_tracker(cfg, entry: TaskEntry, sizes: Sequence[int]) -> BadSampleTracker:

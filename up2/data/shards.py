@@ -48,6 +48,7 @@ import webdataset as wds
 from webdataset.autodecode import Decoder, DecodingError
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from up2.data.catalog import DatasetNotFoundError
 from up2.data.shard_layouts import IMG2DATASET, UP2_INDEX, ShardInfo, resolve_shards
 
 __all__ = ["ImageTextShards", "iter_tar_samples", "worker_shard_slices", "IMAGE_MEMBER_EXTENSIONS"]
@@ -169,8 +170,6 @@ class ImageTextShards:
             DatasetNotFoundError: no shard, or the index, a listed shard or a stats file is missing.
             ValueError: a malformed index or stats file.
         """
-        from up2.data.datasets.register import DatasetNotFoundError  # the registration module imports this one
-
         def missing(path: str, what: str):
             return DatasetNotFoundError(f"Dataset '{name}': {what} {path} does not exist. {prepare_hint} "
                                         "(datasets are looked up under $DETECTRON2_DATASETS, default ./datasets)")

@@ -15,29 +15,19 @@ from typing import List, Optional, Sequence, Union
 
 import numpy as np
 import torch.utils.data as torchdata
-from detectron2.data import DatasetCatalog, DatasetFromList, MetadataCatalog
+from detectron2.data import DatasetCatalog, DatasetFromList
 from detectron2.data.build import trivial_batch_collator, worker_init_reset_seed
 from detectron2.utils import comm
 
 from up2.data.bad_samples import BadSampleTracker
+from up2.data.catalog import is_streaming_dataset, load_task_dataset_dicts
 from up2.data.mappers import ImageReadError
 from up2.data.samplers import dataset_sampling_weights
 from up2.data.shards import ImageTextShards
 
-__all__ = ["STREAMING_FORMAT", "is_streaming_dataset", "TaskStream", "ListStream", "build_streaming_train_loader",
-           "build_streaming_test_loader"]
+__all__ = ["TaskStream", "ListStream", "build_streaming_train_loader", "build_streaming_test_loader"]
 
 logger = logging.getLogger(__name__)
-
-# Value of the metadata key "dataset_format" of datasets registered by register_image_text_shards.
-STREAMING_FORMAT = "image_text_shards"
-
-
-def is_streaming_dataset(name: str) -> bool:
-    """Whether the registered dataset ``name`` is a tar-shard dataset (decided from its metadata,
-    without loading it)."""
-    return name in DatasetCatalog.list() and MetadataCatalog.get(name).get("dataset_format", None) == STREAMING_FORMAT
-
 
 class ListStream:
     """Dataset dicts held in memory (Detectron2's serialised ``DatasetFromList``), streamed per worker."""
@@ -140,8 +130,6 @@ class TaskStream(torchdata.IterableDataset):
 
 
 def _sources(cfg, task_type: str, dataset_names: Sequence[str]) -> List[Source]:
-    from up2.data.build import load_task_dataset_dicts
-
     if task_type not in ("captioning", "retrieval"):
         raise ValueError(f"Tar-shard datasets hold image-text pairs: they can train captioning or retrieval "
                          f"tasks, not a {task_type} task ({list(dataset_names)})")

@@ -232,10 +232,9 @@ def _loader_seed(cfg, entry: TaskEntry) -> int:
 
 
 def _build_task_loader(cfg, entry: TaskEntry, batch_size: int) -> ResumableTaskLoader:
-    from up2.data.build import (_train_sampler, build_task_train_loader, load_task_dataset_dicts, log_task_loader,
-                                task_bad_sample_tracker)
+    from up2.data.build import _train_sampler, build_task_train_loader, log_task_loader, task_bad_sample_tracker
+    from up2.data.catalog import is_streaming_dataset, load_task_dataset_dicts
     from up2.data.mappers import build_mapper
-    from up2.data.streams import is_streaming_dataset
 
     seed = _loader_seed(cfg, entry)
     if any(is_streaming_dataset(name) for name in entry.train_datasets):

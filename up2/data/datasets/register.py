@@ -28,6 +28,7 @@ from typing import Callable, Dict, List
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.coco import load_coco_json
 
+from up2.data.catalog import STREAMING_FORMAT, DatasetNotFoundError
 from up2.data.shards import ImageTextShards
 
 __all__ = [
@@ -43,10 +44,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPEG", ".JPG", ".PNG")
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """A registered dataset's file or directory does not exist."""
 
 
 def _require(path: str, dataset_name: str, prepare_hint: str):
@@ -226,4 +223,4 @@ def register_image_text_shards(name: str, shard_glob_or_dir: str, index_file: st
         return ImageTextShards.from_path(name, shard_glob_or_dir, index_file, shuffle_buffer, prepare_hint)
 
     _register(name, load, shards=shard_glob_or_dir, index_file=index_file, evaluator_type="caption",
-              dataset_format="image_text_shards", prepare_hint=prepare_hint)
+              dataset_format=STREAMING_FORMAT, prepare_hint=prepare_hint)
