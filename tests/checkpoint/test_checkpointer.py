@@ -67,7 +67,7 @@ AtomicCheckpointer(torch.nn.Linear(3, 2), save_dir=sys.argv[1]).save("model_0000
 
 
 def test_temp_file_of_a_killed_write_is_removed_at_the_next_start(tmp_path):
-    from up2.checkpoint.checkpointer import remove_stale_temp_files
+    from up2.checkpoint.atomic_files import remove_stale_temp_files
 
     checkpointer = AtomicCheckpointer(torch.nn.Linear(3, 2), save_dir=str(tmp_path))
     checkpointer.save("model_0000001")

@@ -1,9 +1,7 @@
 """Detectron2's checkpointer with atomic writes, strict loading and bounded disk use.
 
-* Atomic writes: a crash while saving never leaves a truncated ``model_*.pth`` or ``last_checkpoint``
-  behind (the file is written beside its destination as ``.tmp-*``, flushed, fsync'ed and renamed over
-  it). A run killed in the middle of a write leaves its ``.tmp-*`` file: :func:`remove_stale_temp_files`
-  deletes those at the next start.
+* Atomic writes (:mod:`up2.checkpoint.atomic_files`): a crash while saving never leaves a truncated
+  ``model_*.pth`` or ``last_checkpoint`` behind.
 * Strict loading (:mod:`up2.checkpoint.strict_loading`): a checkpoint that leaves model tensors out, holds
   tensors the model does not have or has other shapes is an error naming the file, unless it declares
   the parts it initialises; every error reading a file names it.
@@ -12,74 +10,22 @@
 import logging
 import os
 import re
-import tempfile
 from typing import List
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from fvcore.common.checkpoint import _IncompatibleKeys
 
+from up2.checkpoint.atomic_files import atomic_write, atomic_write_bytes
 from up2.checkpoint.strict_loading import (UnreadableCheckpointError, check_checkpoint_fits, declared_prefixes)
 
-__all__ = ["AtomicCheckpointer", "atomic_write_bytes", "resize_variable_size_buffers", "remove_stale_temp_files",
-           "prune_periodic_checkpoints", "expected_incompatibility", "TEMP_FILE_PREFIX"]
+__all__ = ["AtomicCheckpointer", "resize_variable_size_buffers", "prune_periodic_checkpoints",
+           "expected_incompatibility"]
 
 logger = logging.getLogger(__name__)
 
-# Name prefix of the files being written atomically (renamed when complete).
-TEMP_FILE_PREFIX = ".tmp-"
 # Model tensors a checkpoint may leave out: Detectron2 sets the pixel statistics from the config.
 _OPTIONAL_KEYS = ("pixel_mean", "pixel_std")
-
-
-def _current_umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
-
-def _atomic_write(path: str, write):
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(prefix=TEMP_FILE_PREFIX, suffix=os.path.basename(path), dir=directory)
-    try:
-        # mkstemp creates the file 0600; give it the permissions a plain open() would have.
-        os.chmod(tmp_path, 0o666 & ~_current_umask())
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
-
-
-def atomic_write_bytes(path: str, data: bytes):
-    """Writes ``data`` to ``path`` atomically."""
-    _atomic_write(path, lambda f: f.write(data))
-
-
-def remove_stale_temp_files(directory: str) -> List[str]:
-    """Deletes the ``.tmp-*`` files that interrupted atomic writes (a killed run) left in ``directory``.
-
-    Call it before anything is written there (at the start of a run): a write in progress has such a file.
-
-    Returns:
-        the paths removed.
-    """
-    if not directory or not os.path.isdir(directory):
-        return []
-    removed = []
-    for name in sorted(os.listdir(directory)):
-        path = os.path.join(directory, name)
-        if name.startswith(TEMP_FILE_PREFIX) and os.path.isfile(path) and not os.path.islink(path):
-            size = os.path.getsize(path)
-            os.remove(path)
-            removed.append(path)
-            logger.info("Removed %s (%.1f MiB), left by an interrupted checkpoint write", path, size / 2 ** 20)
-    return removed
 
 
 def prune_periodic_checkpoints(directory: str, max_to_keep: int, file_prefix: str = "model") -> List[str]:
@@ -214,7 +160,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
         data.update(kwargs)
         save_file = os.path.join(self.save_dir, f"{name}.pth")
         logger.info("Saving checkpoint to %s", save_file)
-        _atomic_write(save_file, lambda f: torch.save(data, f))
+        atomic_write(save_file, lambda f: torch.save(data, f))
         self.tag_last_checkpoint(os.path.basename(save_file))
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:

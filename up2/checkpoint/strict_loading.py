@@ -26,6 +26,8 @@ from typing import Dict, List, Optional, Sequence, Set
 import torch
 from torch import nn
 
+from up2.checkpoint.atomic_files import atomic_write_bytes
+
 __all__ = ["INITIALISED_PREFIXES_KEY", "CONVERTER_AUTHOR", "UnreadableCheckpointError",
            "IncompatibleCheckpointError", "declared_prefixes", "pruned_checkpoint_keys", "check_checkpoint_fits",
            "converted_prefixes", "save_partial_checkpoint"]
@@ -145,8 +147,6 @@ def save_partial_checkpoint(path: str, state_dict: Dict[str, torch.Tensor], init
                             author: str):
     """Writes ``{"model": state_dict, "initialised_prefixes": [...], "__author__": author}`` to ``path``
     atomically (Detectron2's checkpoint format, loadable with ``MODEL.WEIGHTS``)."""
-    from up2.checkpoint.checkpointer import atomic_write_bytes
-
     buffer = io.BytesIO()
     torch.save({"model": state_dict, INITIALISED_PREFIXES_KEY: list(initialised_prefixes), "__author__": author,
                 "matching_heuristics": False}, buffer)

@@ -40,7 +40,7 @@ from detectron2.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
 from up2.checkpoint import AtomicCheckpointer, atomic_write_bytes
-from up2.checkpoint.checkpointer import remove_stale_temp_files
+from up2.checkpoint.atomic_files import remove_stale_temp_files
 from up2.config import get_task_entries
 from up2.engine.target_vocabulary import set_training_vocabularies
 from up2.task_specs import TASK_SPEC_REGISTRY
