@@ -109,6 +109,9 @@ def _add_model_config(cfg):
     cfg.MODEL.UP2.PROPOSER.MASK_DIM = 256
     # Side of the adaptive average pooling of masks in proposal fusion (paper eq. 9).
     cfg.MODEL.UP2.PROPOSER.FUSION_MASK_POOL_SIZE = 28
+    # Backbone levels (e.g. ["res4", "res5"]) whose features, averaged under each proposal's mask, are
+    # added to its regional token in the fusion; not in the paper (empty: eq. 9 as published).
+    cfg.MODEL.UP2.PROPOSER.FUSION_FEATURE_LEVELS = []
     # Contrastive query denoising (training only): enabled, max. number of DN queries,
     # box noise scale and label noise ratio (Table 7: dn_box_noise_scale, dn_label_noise_ratio).
     cfg.MODEL.UP2.PROPOSER.DN_ENABLED = True

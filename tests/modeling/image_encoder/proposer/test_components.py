@@ -9,7 +9,7 @@ from up2.modeling.image_encoder.position_encoding import sine_encoding_of_coordi
 from up2.modeling.image_encoder.proposer.decoder import DeformableDecoder
 from up2.modeling.image_encoder.proposer.denoising import prepare_contrastive_denoising
 from up2.modeling.image_encoder.proposer.encoder import DeformableEncoder, valid_ratios_of
-from up2.modeling.image_encoder.proposer.fusion import ProposalFusion
+from up2.modeling.image_encoder.proposer.fusion import ProposalFusion, mask_pooled_features
 from up2.modeling.image_encoder.proposer.mask_branch import MaskBranch
 from up2.modeling.image_encoder.proposer.query_selection import TwoStageQuerySelection, encoder_proposals
 
@@ -176,3 +176,33 @@ def test_fusion_eq9_topk_and_detach():
     assert boxes.grad is None and masks.grad is None and objectness.grad is None
     assert q_sem.grad is not None and fusion.box_proj.weight.grad is not None
     assert fusion.mask_proj.weight.grad.abs().sum() > 0
+
+
+def test_mask_pooled_features_known_answer():
+    # a hard mask covering the left half of an 8 x 8 map: the average of the left half of each level
+    masks = torch.full((1, 1, 8, 8), -50.0)
+    masks[..., :4] = 50.0
+    level = torch.arange(2 * 4 * 4, dtype=torch.float32).reshape(1, 2, 4, 4)
+    pooled = mask_pooled_features(masks, [level, level * 10])
+    assert pooled.shape == (1, 1, 4)
+    left = level[..., :2].mean(dim=(-2, -1))[0]  # (2,)
+    assert torch.allclose(pooled[0, 0], torch.cat([left, left * 10]), atol=1e-4)
+    # an empty mask does not divide by zero
+    assert torch.isfinite(mask_pooled_features(torch.full((1, 1, 8, 8), -1e4), [level])).all()
+
+
+def test_fusion_adds_projected_mask_pooled_features_with_gradient_to_the_features():
+    torch.manual_seed(0)
+    fusion = ProposalFusion(D, pool_size=4, topk=6, feature_channels=[5, 3])
+    q_sem, boxes = torch.randn(2, 6, D), torch.rand(2, 6, 4)
+    masks = torch.randn(2, 6, 8, 8)
+    features = [torch.randn(2, 5, 4, 4, requires_grad=True), torch.randn(2, 3, 2, 2, requires_grad=True)]
+    out = fusion.fuse(q_sem, boxes, masks, features)
+    paper = ProposalFusion(D, pool_size=4, topk=6)
+    paper.load_state_dict({k: v for k, v in fusion.state_dict().items() if not k.startswith("feature_proj")})
+    expected = paper.fuse(q_sem, boxes, masks) + fusion.feature_proj(mask_pooled_features(masks, features))
+    assert torch.allclose(out, expected, atol=1e-5)
+    out.sum().backward()
+    assert all(f.grad is not None and f.grad.abs().sum() > 0 for f in features)
+    with pytest.raises(ValueError, match="FUSION_FEATURE_LEVELS"):
+        fusion.fuse(q_sem, boxes, masks)

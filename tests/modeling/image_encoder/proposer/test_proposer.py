@@ -205,3 +205,19 @@ def test_degenerate_boxes_dropped_with_warning(caplog):
     with caplog.at_level(logging.WARNING, logger=proposer_targets.__name__):
         proposer_targets.instances_to_targets([inst], (64, 64), "cpu")  # 4 so far: not logged again
     assert not caplog.records
+
+
+def test_proposer_fusion_feature_levels_from_config():
+    cfg = _cfg()
+    cfg.MODEL.UP2.PROPOSER.FUSION_FEATURE_LEVELS = ["res4", "res5"]
+    torch.manual_seed(0)
+    model = build_proposer(cfg, INPUT_SHAPE).eval()
+    assert model.fusion.feature_proj.in_features == 32 + 64  # res4 + res5 channels
+    features, padding, _ = _inputs()
+    with torch.no_grad():
+        tokens = model(features, padding)["regional_tokens"]
+        model.fusion.feature_proj.bias.add_(1.0)  # the term reaches the tokens
+        assert torch.allclose(model(features, padding)["regional_tokens"], tokens + 1.0, atol=1e-5)
+    cfg.MODEL.UP2.PROPOSER.FUSION_FEATURE_LEVELS = ["res6"]
+    with pytest.raises(ValueError, match=r"FUSION_FEATURE_LEVELS: \['res6'\] not among"):
+        build_proposer(cfg, INPUT_SHAPE)

@@ -76,13 +76,15 @@ class DeformableRegionProposer(nn.Module):
         encoder, query_selection, decoder, mask_branch, fusion: the parts.
         criterion: the proposer losses.
         num_queries: N.
+        fusion_feature_levels: backbone levels pooled under the masks in the fusion (``FUSION_FEATURE_LEVELS``).
         dn_enabled, dn_num_queries, dn_box_noise_scale, dn_label_noise_ratio: contrastive denoising.
     """
 
     @configurable
     def __init__(self, *, input_projection: InputProjection, encoder: DeformableEncoder,
                  query_selection: TwoStageQuerySelection, decoder: DeformableDecoder, mask_branch: MaskBranch,
-                 fusion: ProposalFusion, criterion: ProposalCriterion, num_queries: int, dn_enabled: bool = True,
+                 fusion: ProposalFusion, criterion: ProposalCriterion, num_queries: int,
+                 fusion_feature_levels: Sequence[str] = (), dn_enabled: bool = True,
                  dn_num_queries: int = 100, dn_box_noise_scale: float = 1.0, dn_label_noise_ratio: float = 0.5):
         super().__init__()
         if len(input_projection.strides) != encoder.num_levels + 1:
@@ -92,6 +94,7 @@ class DeformableRegionProposer(nn.Module):
         self.input_projection, self.encoder, self.query_selection = input_projection, encoder, query_selection
         self.decoder, self.mask_branch, self.fusion, self.criterion = decoder, mask_branch, fusion, criterion
         self.num_queries = num_queries
+        self.fusion_feature_levels = tuple(fusion_feature_levels)
         self.dn_enabled, self.dn_num_queries = dn_enabled, dn_num_queries
         self.dn_box_noise_scale, self.dn_label_noise_ratio = dn_box_noise_scale, dn_label_noise_ratio
 
@@ -110,6 +113,11 @@ class DeformableRegionProposer(nn.Module):
         if prop.NORM_GROUPS < 1 or prop.HIDDEN_DIM % prop.NORM_GROUPS:
             raise ValueError(f"MODEL.UP2.PROPOSER.NORM_GROUPS ({prop.NORM_GROUPS}) must be >= 1 and divide "
                              f"HIDDEN_DIM ({prop.HIDDEN_DIM})")
+        feature_levels = list(prop.FUSION_FEATURE_LEVELS)
+        unknown = [name for name in feature_levels if name not in input_shape]
+        if unknown:
+            raise ValueError(f"MODEL.UP2.PROPOSER.FUSION_FEATURE_LEVELS: {unknown} not among the backbone's "
+                             f"outputs {sorted(input_shape)}")
         return {
             "input_projection": InputProjection(input_shape, in_features, prop.HIDDEN_DIM, num_extra_levels=num_extra,
                                                 num_groups=prop.NORM_GROUPS),
@@ -117,9 +125,11 @@ class DeformableRegionProposer(nn.Module):
             "query_selection": TwoStageQuerySelection(cfg),
             "decoder": DeformableDecoder(cfg),
             "mask_branch": MaskBranch(prop.HIDDEN_DIM, prop.MASK_DIM, num_groups=prop.NORM_GROUPS),
-            "fusion": ProposalFusion(prop.HIDDEN_DIM, prop.FUSION_MASK_POOL_SIZE, prop.TOPK_QUERIES),
+            "fusion": ProposalFusion(prop.HIDDEN_DIM, prop.FUSION_MASK_POOL_SIZE, prop.TOPK_QUERIES,
+                                     [input_shape[name].channels for name in feature_levels]),
             "criterion": ProposalCriterion(cfg),
             "num_queries": prop.NUM_QUERIES,
+            "fusion_feature_levels": feature_levels,
             "dn_enabled": prop.DN_ENABLED,
             "dn_num_queries": prop.DN_NUM_QUERIES,
             "dn_box_noise_scale": prop.DN_BOX_NOISE_SCALE,
@@ -205,7 +215,7 @@ class DeformableRegionProposer(nn.Module):
 
         _, matching_hidden = split_denoising_outputs(dec["hidden"][-1], dn_meta)
         fused = self.fusion(matching_hidden, predictions["pred_boxes"], predictions["pred_masks"],
-                            predictions["pred_logits"])
+                            predictions["pred_logits"], [features[name] for name in self.fusion_feature_levels])
         result = dict(fused)
         result["last_level"], result["last_level_mask"] = projected[3], masks[3]
         result["predictions"] = predictions
