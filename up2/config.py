@@ -306,6 +306,10 @@ def _add_solver_config(cfg):
     # One multiplier per ENCODER_PARAM_PREFIXES entry (e.g. a pretrained text encoder tuned faster than
     # the image backbone); empty: ENCODER_LR_MULTIPLIER for every prefix.
     cfg.SOLVER.UP2.ENCODER_LR_MULTIPLIERS = []
+    # Other parameter-name prefixes with their own lr factor, one MODULE_LR_MULTIPLIERS entry per prefix
+    # (e.g. ["image_encoder.proposer."] with [5.0]); an ENCODER_PARAM_PREFIXES match comes first.
+    cfg.SOLVER.UP2.MODULE_PARAM_PREFIXES = []
+    cfg.SOLVER.UP2.MODULE_LR_MULTIPLIERS = []
     # Weight decay of embeddings and learnable temperatures.
     cfg.SOLVER.UP2.WEIGHT_DECAY_EMBED = 0.0
     # Task sampling: "unmixed" (one task per iteration for every GPU) or "mixed" (paper Table 4).

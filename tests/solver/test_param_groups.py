@@ -130,6 +130,26 @@ def test_one_multiplier_per_prefix():
     assert lrs == pytest.approx([0.01, 0.05, 0.1])
 
 
+def test_module_lr_multipliers():
+    """MODULE_PARAM_PREFIXES: a from-scratch module at 5x; an encoder prefix wins over a module prefix."""
+    model = Small()
+    groups = _groups(model, encoder_prefixes=("backbone.", "text_encoder.encoder."), encoder_lr_multiplier=0.1,
+                     module_prefixes=("head.", "text_encoder."), module_lr_multipliers=[5.0, 2.0])
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    name_of = {id(p): g["name"] for g in groups for p in g["params"]}
+    params = dict(model.named_parameters())
+    assert lr_of[id(params["head.weight"])] == pytest.approx(LR * 5.0)
+    assert lr_of[id(params["text_encoder.proj.weight"])] == pytest.approx(LR * 2.0)
+    assert lr_of[id(params["text_encoder.encoder.0.weight"])] == pytest.approx(LR * 0.1)
+    assert lr_of[id(params["norm.weight"])] == pytest.approx(LR)
+    assert name_of[id(params["head.weight"])] == "module.weight"
+    with pytest.raises(ValueError, match="MODULE_LR_MULTIPLIERS has 1 values.*2 SOLVER.UP2.MODULE_PARAM_PREFIXES"):
+        _groups(Small(), module_prefixes=("head.", "norm."), module_lr_multipliers=[5.0])
+    cfg = _cfg(**{"UP2.MODULE_PARAM_PREFIXES": ["head."], "UP2.MODULE_LR_MULTIPLIERS": [5.0]})
+    lrs = sorted({g["lr"] for g in build_optimizer(cfg, Small()).param_groups})
+    assert lrs == pytest.approx([0.01, 0.1, 0.5])
+
+
 def _cfg(**solver):
     cfg = get_cfg()
     add_up2_config(cfg)

@@ -38,7 +38,8 @@ def build_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimiz
 
     Reads ``SOLVER.{BASE_LR, WEIGHT_DECAY, WEIGHT_DECAY_NORM, WEIGHT_DECAY_BIAS, CLIP_GRADIENTS}``
     and ``SOLVER.UP2.{OPTIMIZER, BETAS, EPS, NORMALIZE_GRADIENT, COMPENSATE_SAMPLING,
-    UNUSED_PARAMS, ENCODER_LR_MULTIPLIER(S), ENCODER_PARAM_PREFIXES, WEIGHT_DECAY_EMBED}``.
+    UNUSED_PARAMS, ENCODER_LR_MULTIPLIER(S), ENCODER_PARAM_PREFIXES, MODULE_PARAM_PREFIXES,
+    MODULE_LR_MULTIPLIERS, WEIGHT_DECAY_EMBED}``.
     """
     solver = cfg.SOLVER
     name = solver.UP2.OPTIMIZER
@@ -63,6 +64,8 @@ def build_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimiz
         weight_decay_norm=solver.WEIGHT_DECAY_NORM,
         weight_decay_bias=weight_decay_bias,
         weight_decay_embed=solver.UP2.WEIGHT_DECAY_EMBED,
+        module_prefixes=tuple(solver.UP2.MODULE_PARAM_PREFIXES),
+        module_lr_multipliers=list(solver.UP2.MODULE_LR_MULTIPLIERS),
     )
     common = dict(lr=solver.BASE_LR, betas=betas, eps=solver.UP2.EPS,
                   weight_decay=solver.WEIGHT_DECAY)

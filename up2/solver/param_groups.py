@@ -12,9 +12,11 @@ Every trainable parameter is classified once, by its module and name:
 
 Parameters whose full name starts with one of ``encoder_prefixes`` (the pretrained image backbone
 and text encoder) get ``base_lr × encoder_lr_multiplier``; ``encoder_lr_multiplier`` is one factor for
-every prefix or a list with one factor per prefix (the first matching prefix decides). Groups with the
-same (lr, weight_decay) are merged; each group's ``"name"`` lists the kinds it holds
-(``"encoder.bias,encoder.norm"``).
+every prefix or a list with one factor per prefix (the first matching prefix decides). Other modules
+may get their own factor by prefix too (``module_prefixes`` / ``module_lr_multipliers``, e.g. a
+from-scratch part that learns faster than the rest); an encoder prefix wins over a module prefix.
+Groups with the same (lr, weight_decay) are merged; each group's ``"name"`` lists the kinds it holds
+(``"encoder.bias,encoder.norm"``, ``"module.weight"``, ``"other.weight"``).
 """
 import logging
 from collections import OrderedDict
@@ -46,15 +48,16 @@ def param_kind(module: nn.Module, local_name: str, full_name: str) -> str:
     return "weight"
 
 
-def _prefix_multipliers(prefixes: Sequence[str], multiplier) -> List[float]:
+def _prefix_multipliers(prefixes: Sequence[str], multiplier, keys: str = "ENCODER") -> List[float]:
     """One lr factor per prefix: ``multiplier`` repeated, or the list itself (checked against the prefixes)."""
     if isinstance(multiplier, (int, float)):
         return [float(multiplier)] * len(prefixes)
     multipliers = [float(m) for m in multiplier]
     if len(multipliers) != len(prefixes):
-        raise ValueError(f"SOLVER.UP2.ENCODER_LR_MULTIPLIERS has {len(multipliers)} values {multipliers} for "
-                         f"{len(prefixes)} SOLVER.UP2.ENCODER_PARAM_PREFIXES {list(prefixes)}; give one per prefix "
-                         "or leave it empty to use SOLVER.UP2.ENCODER_LR_MULTIPLIER for all")
+        hint = (" or leave it empty to use SOLVER.UP2.ENCODER_LR_MULTIPLIER for all" if keys == "ENCODER" else "")
+        raise ValueError(f"SOLVER.UP2.{keys}_LR_MULTIPLIERS has {len(multipliers)} values {multipliers} for "
+                         f"{len(prefixes)} SOLVER.UP2.{keys}_PARAM_PREFIXES {list(prefixes)}; give one per prefix"
+                         + hint)
     return multipliers
 
 
@@ -67,6 +70,8 @@ def build_param_groups(
     weight_decay_norm: Optional[float] = 0.0,
     weight_decay_bias: Optional[float] = 0.0,
     weight_decay_embed: Optional[float] = 0.0,
+    module_prefixes: Sequence[str] = (),
+    module_lr_multipliers: Sequence[float] = (),
 ) -> List[Dict[str, Any]]:
     """Splits the trainable parameters of ``model`` into optimizer parameter groups.
 
@@ -78,6 +83,8 @@ def build_param_groups(
         encoder_lr_multiplier: lr factor of encoder parameters, or one factor per prefix.
         weight_decay_norm / weight_decay_bias / weight_decay_embed: weight decay of norm-layer
             parameters, biases and embeddings; None means ``weight_decay``. Temperatures get 0.
+        module_prefixes / module_lr_multipliers: full-name prefixes of other modules and their lr factors
+            (one per prefix).
 
     Returns:
         list of dicts with keys ``params``, ``lr``, ``weight_decay`` and ``name``, in order of
@@ -95,6 +102,11 @@ def build_param_groups(
     }
     prefixes = tuple(encoder_prefixes)
     multipliers = _prefix_multipliers(prefixes, encoder_lr_multiplier)
+    labels = ["encoder"] * len(prefixes)
+    if module_prefixes:
+        prefixes += tuple(module_prefixes)
+        multipliers += _prefix_multipliers(tuple(module_prefixes), list(module_lr_multipliers), keys="MODULE")
+        labels += ["module"] * len(module_prefixes)
     groups: "OrderedDict[tuple, Dict[str, Any]]" = OrderedDict()
     counts: Dict[str, int] = {}
     seen = set()
@@ -105,8 +117,9 @@ def build_param_groups(
             seen.add(id(param))
             full_name = f"{module_name}.{local_name}" if module_name else local_name
             kind = param_kind(module, local_name, full_name)
-            multiplier = next((m for p, m in zip(prefixes, multipliers) if full_name.startswith(p)), None)
-            label = f"{'other' if multiplier is None else 'encoder'}.{kind}"
+            owner, multiplier = next(((o, m) for p, m, o in zip(prefixes, multipliers, labels)
+                                      if full_name.startswith(p)), ("other", None))
+            label = f"{owner}.{kind}"
             lr = base_lr if multiplier is None else base_lr * multiplier
             wd = kind_wd[kind]
             group = groups.setdefault((lr, wd), {"params": [], "lr": lr, "weight_decay": wd,
