@@ -172,6 +172,8 @@ def _add_model_config(cfg):
     cfg.MODEL.UP2.TEXT_ENCODER.PRETRAINED = True
     # Maximum number of text tokens (including special tokens) per sequence.
     cfg.MODEL.UP2.TEXT_ENCODER.MAX_LENGTH = 64
+    # Transformer layers kept from the bottom of the (pretrained) text encoder; 0 keeps all of them.
+    cfg.MODEL.UP2.TEXT_ENCODER.NUM_LAYERS = 0
     # Frozen bottom of the text encoder, as MODEL.BACKBONE.FREEZE_AT: 0 nothing (the paper: jointly tuned),
     # 1 the embeddings, k >= 2 the embeddings and the first k - 1 transformer layers.
     cfg.MODEL.UP2.TEXT_ENCODER.FREEZE_AT = 0

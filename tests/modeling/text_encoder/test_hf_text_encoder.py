@@ -53,6 +53,26 @@ def test_pretrained_minilm_loads_offline_and_matches_transformers(minilm_dir):
     assert float(query @ close) > float(query @ far) + 0.2
 
 
+def test_num_layers_keeps_the_bottom_of_the_pretrained_encoder(minilm_dir):
+    """NUM_LAYERS k: the output is the full model's k-th hidden state (the layers above are dropped)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    cfg = encoder_cfg(minilm_dir)
+    cfg.MODEL.UP2.TEXT_ENCODER.NUM_LAYERS = 4
+    encoder = build_text_encoder(cfg).eval()
+    assert len(encoder.encoder.encoder.layer) == 4 and encoder.encoder.config.num_hidden_layers == 4
+    texts = ["two green triangles above a yellow star"]
+    with torch.no_grad():
+        ids = encoder.tokenize(texts)
+        hidden = encoder.encode_ids(ids["input_ids"], ids["attention_mask"])
+        batch = AutoTokenizer.from_pretrained(minilm_dir)(texts, return_tensors="pt")
+        reference = AutoModel.from_pretrained(minilm_dir).eval()(**batch, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(hidden, reference[4], rtol=1e-5, atol=1e-5)
+    cfg.MODEL.UP2.TEXT_ENCODER.NUM_LAYERS = 7
+    with pytest.raises(ValueError, match=r"NUM_LAYERS must be in \[0, 6\].*got 7"):
+        build_text_encoder(cfg)
+
+
 def test_tiny_random_roberta_saved_with_save_pretrained(tmp_path):
     from transformers import RobertaConfig, RobertaModel
 

@@ -62,6 +62,27 @@ def _load_hf_encoder(name: str, pretrained: bool) -> nn.Module:
         raise OSError(f"Cannot load the text encoder: {_offline_hint(name)} ({error})") from error
 
 
+def keep_bottom_layers(encoder: nn.Module, num_layers: int) -> nn.Module:
+    """Keeps the first ``num_layers`` transformer layers of a BERT-type encoder (0 keeps all); the upper
+    ones are dropped, as when a smaller model is distilled from the bottom of a larger one.
+
+    Raises:
+        ValueError: ``num_layers`` outside [0, number of layers], or an encoder without ``encoder.layer``.
+    """
+    if num_layers == 0:
+        return encoder
+    layers = getattr(getattr(encoder, "encoder", None), "layer", None)
+    if layers is None:
+        raise ValueError(f"MODEL.UP2.TEXT_ENCODER.NUM_LAYERS {num_layers}: {type(encoder).__name__} has no "
+                         "'encoder.layer' (BERT/RoBERTa layout); use 0")
+    if not 0 < num_layers <= len(layers):
+        raise ValueError(f"MODEL.UP2.TEXT_ENCODER.NUM_LAYERS must be in [0, {len(layers)}] for this "
+                         f"{len(layers)}-layer encoder, got {num_layers}")
+    encoder.encoder.layer = layers[:num_layers]
+    encoder.config.num_hidden_layers = num_layers
+    return encoder
+
+
 def freeze_encoder_layers(encoder: nn.Module, freeze_at: int) -> List[nn.Parameter]:
     """Freezes the bottom of a Hugging Face encoder, as Detectron2's ``MODEL.BACKBONE.FREEZE_AT`` does for
     a ResNet: 0 freezes nothing, 1 the embeddings, k >= 2 the embeddings and the first k - 1 transformer
@@ -100,21 +121,24 @@ class HFTextEncoder(nn.Module):
         pretrained: load the weights of ``name`` (True) or only its architecture, randomly initialised.
         max_length: longest token sequence kept (special tokens included); longer texts are truncated.
         output_dim: width of the projected features (the unified decoder's width).
+        num_layers: transformer layers kept from the bottom (0: all), see :func:`keep_bottom_layers`.
+        freeze_at: frozen bottom, see :func:`freeze_encoder_layers` (counted in the kept layers).
     """
 
     @configurable
     def __init__(self, *, name: str, tokenizer_name: str, pretrained: bool, max_length: int, output_dim: int,
-                 freeze_at: int = 0):
+                 num_layers: int = 0, freeze_at: int = 0):
         super().__init__()
         self.tokenizer = load_hf_tokenizer(tokenizer_name or name)
         # Parameters live under "encoder." so that SOLVER.UP2.ENCODER_PARAM_PREFIXES finds them.
-        self.encoder = _load_hf_encoder(name, pretrained)
+        self.encoder = keep_bottom_layers(_load_hf_encoder(name, pretrained), num_layers)
         self.max_length = max_length
         hidden = self.encoder.config.hidden_size
         self.projection = nn.Linear(hidden, output_dim)
         self.frozen = freeze_encoder_layers(self.encoder, freeze_at)
-        logger.info("Text encoder %s (%s weights, hidden %d -> %d, vocabulary %d, %d parameters frozen)", name,
-                    "pretrained" if pretrained else "random", hidden, output_dim, len(self.tokenizer),
+        logger.info("Text encoder %s (%s weights, %d layers, hidden %d -> %d, vocabulary %d, %d parameters frozen)",
+                    name, "pretrained" if pretrained else "random", self.encoder.config.num_hidden_layers, hidden,
+                    output_dim, len(self.tokenizer),
                     sum(p.numel() for p in self.frozen))
 
     @classmethod
@@ -122,7 +146,7 @@ class HFTextEncoder(nn.Module):
         text = cfg.MODEL.UP2.TEXT_ENCODER
         return {"name": text.NAME, "tokenizer_name": text.TOKENIZER, "pretrained": text.PRETRAINED,
                 "max_length": text.MAX_LENGTH, "output_dim": cfg.MODEL.UP2.DECODER.HIDDEN_DIM,
-                "freeze_at": text.FREEZE_AT}
+                "num_layers": text.NUM_LAYERS, "freeze_at": text.FREEZE_AT}
 
     @property
     def device(self) -> torch.device:
