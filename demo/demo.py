@@ -21,7 +21,7 @@ import logging
 import os
 import sys
 import textwrap
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import up2  # noqa: F401  (applies the Detectron2 compatibility fixes; must precede detectron2 imports)
 import numpy as np
@@ -181,6 +181,46 @@ def visualize(image_rgb: np.ndarray, task: str, output: dict, class_names: Optio
     return visualizer.output.get_image(), lines
 
 
+def visualize_images(paths: Sequence[str], predict: Callable[[np.ndarray], dict], task: str,
+                     class_names: Optional[List[str]], output_dir: str, confidence_threshold: float,
+                     summary: str) -> int:
+    """Reads every image (BGR), predicts, draws and saves ``<output_dir>/<stem>.png``; an unreadable image
+    or a failing prediction is logged and skipped, the others go on.
+
+    Args:
+        predict: BGR (H, W, 3) uint8 image -> the task's output dict (as :class:`UP2Predictor` returns).
+        summary: the start of the final line printed (what ran).
+
+    Returns:
+        the exit status: 0 when at least one image was written, else 1.
+    """
+    os.makedirs(output_dir, exist_ok=True)
+    written, failed, used = [], [], set()
+    progress = tqdm(paths, desc=summary, unit="image") if tqdm is not None else paths
+    for index, path in enumerate(progress, 1):
+        if tqdm is None:
+            logger.info("[%d/%d] %s", index, len(paths), path)
+        try:
+            image = read_image(path, "BGR")
+        except ImageReadError as e:
+            logger.error("Skipping %s: %s", path, e)
+            failed.append(path)
+            continue
+        try:
+            vis, lines = visualize(image[:, :, ::-1], task, predict(image), class_names, confidence_threshold)
+            out_file = output_path(output_dir, path, used)
+            Image.fromarray(vis).save(out_file)
+        except Exception:  # one bad input must not stop the others
+            logger.exception("Failed on %s; skipped", path)
+            failed.append(path)
+            continue
+        logger.info("%s -> %s: %s", path, out_file, " | ".join(lines))
+        written.append(out_file)
+    print(f"{summary}: wrote {len(written)} of {len(paths)} image(s) to {output_dir}"
+          + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return 0 if written else 1
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = get_parser()
     args = parser.parse_args(argv)
@@ -198,32 +238,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logger.error("--task %s needs class names: give --vocabulary 'a,b,...' (the config's datasets name none)",
                      args.task)
         return 2
-    os.makedirs(args.output, exist_ok=True)
-    written, failed, used = [], [], set()
-    progress = tqdm(paths, desc=f"up2 {args.task}", unit="image") if tqdm is not None else paths
-    for index, path in enumerate(progress, 1):
-        if tqdm is None:
-            logger.info("[%d/%d] %s", index, len(paths), path)
-        try:
-            image = read_image(path, "BGR")
-        except ImageReadError as e:
-            logger.error("Skipping %s: %s", path, e)
-            failed.append(path)
-            continue
-        try:
-            output = predictor(image, args.task, texts=args.texts)
-            vis, lines = visualize(image[:, :, ::-1], args.task, output, class_names, args.confidence_threshold)
-            out_file = output_path(args.output, path, used)
-            Image.fromarray(vis).save(out_file)
-        except Exception:  # one bad input must not stop the others
-            logger.exception("Failed on %s; skipped", path)
-            failed.append(path)
-            continue
-        logger.info("%s -> %s: %s", path, out_file, " | ".join(lines))
-        written.append(out_file)
-    print(f"up2 demo ({args.task}): wrote {len(written)} of {len(paths)} image(s) to {args.output}"
-          + (f"; failed: {', '.join(failed)}" if failed else ""))
-    return 0 if written else 1
+    return visualize_images(paths, lambda image: predictor(image, args.task, texts=args.texts), args.task,
+                            class_names, args.output, args.confidence_threshold, f"up2 demo ({args.task})")
 
 
 def setup_logging():

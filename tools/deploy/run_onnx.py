@@ -41,9 +41,6 @@ def get_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = get_parser().parse_args(argv)
     demo = load_demo()
-    from PIL import Image
-
-    from up2.data.mappers import ImageReadError, read_image
     from up2.deploy.evaluation import to_model_output
     from up2.deploy.runtime import OnnxPredictor
 
@@ -52,31 +49,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logger.error("No input image: %s", args.input)
         return 1
     predictor = OnnxPredictor(args.model, num_threads=args.num_threads)
-    os.makedirs(args.output, exist_ok=True)
-    written, failed, used = [], [], set()
-    for path in paths:
-        try:
-            image = read_image(path, "BGR")
-        except ImageReadError as error:
-            logger.error("Skipping %s: %s", path, error)
-            failed.append(path)
-            continue
-        try:
-            output = to_model_output(predictor(image), predictor.task, image.shape[:2])
-            vis, lines = demo.visualize(image[:, :, ::-1], predictor.task, output, predictor.class_names,
-                                        args.confidence_threshold)
-            out_file = demo.output_path(args.output, path, used)
-            Image.fromarray(vis).save(out_file)
-        except Exception:  # one bad input must not stop the others
-            logger.exception("Failed on %s; skipped", path)
-            failed.append(path)
-            continue
-        logger.info("%s -> %s: %s", path, out_file, " | ".join(lines))
-        written.append(out_file)
-    print(f"up2 run_onnx ({predictor.task}): wrote {len(written)} of {len(paths)} image(s) to {args.output}"
-          + (f"; failed: {', '.join(failed)}" if failed else ""))
-    return 0 if written else 1
-
+    return demo.visualize_images(
+        paths, lambda image: to_model_output(predictor(image), predictor.task, image.shape[:2]), predictor.task,
+        predictor.class_names, args.output, args.confidence_threshold, f"up2 run_onnx ({predictor.task})")
 
 if __name__ == "__main__":
     from detectron2.utils.logger import setup_logger
