@@ -42,7 +42,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weights", required=True, help="checkpoint (e.g. OUTPUT/model_final.pth)")
     parser.add_argument("--dataset", default="shapes_det_val", help="registered dataset with file_name's")
     parser.add_argument("--num-images", type=int, default=6)
-    parser.add_argument("--score-threshold", type=float, default=0.3, help="minimum score of drawn detections")
+    parser.add_argument("--score-threshold", type=float, default=0.15, help="minimum score of drawn detections")
     parser.add_argument("--output", required=True, help="the PNG to write")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     return parser
