@@ -20,7 +20,7 @@ Box and mask are detached before fusing (paper Appendix A): no gradient reaches 
 predictions through the fusion. The O proposals with the highest objectness (the final decoder
 layer's objectness logit, which the criterion supervises) are kept.
 """
-from typing import Dict, Optional, Sequence
+from typing import Dict, Sequence
 
 import torch
 import torch.nn.functional as F
