@@ -51,6 +51,7 @@ def setup(tmp_path_factory, tiny_text_dirs, up2_cfg_factory):
     register_all_shapes(str(root / "shapes"), prefix=PREFIX)
     cfg = up2_cfg_factory(*tiny_text_dirs)
     cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, cfg.DATASETS.UP2.IMAGE_SIZE = IMAGE_SIZE, 256, 96
+    cfg.MODEL.UP2.PROPOSER.FUSION_FEATURE_LEVELS = ["res4", "res5"]  # as the demo config: exported too
     cfg.DATASETS.UP2.TASKS = [
         {"NAME": "detection", "TYPE": "detection", "TRAIN_DATASETS": [f"{PREFIX}_det_train"],
          "TEST_DATASETS": [f"{PREFIX}_det_val"]},
