@@ -53,6 +53,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         paths, lambda image: to_model_output(predictor(image), predictor.task, image.shape[:2]), predictor.task,
         predictor.class_names, args.output, args.confidence_threshold, f"up2 run_onnx ({predictor.task})")
 
+
 if __name__ == "__main__":
     from detectron2.utils.logger import setup_logger
 

@@ -62,19 +62,27 @@ def _load_hf_encoder(name: str, pretrained: bool) -> nn.Module:
         raise OSError(f"Cannot load the text encoder: {_offline_hint(name)} ({error})") from error
 
 
+def _bert_layout(encoder: nn.Module, setting: str):
+    """``(embeddings, encoder.layer)`` of a BERT-type encoder; ``setting`` ("KEY value") names the config
+    entry that needs them in the error raised for any other layout."""
+    layers = getattr(getattr(encoder, "encoder", None), "layer", None)
+    embeddings = getattr(encoder, "embeddings", None)
+    if layers is None or embeddings is None:
+        raise ValueError(f"MODEL.UP2.TEXT_ENCODER.{setting}: {type(encoder).__name__} has no "
+                         "'embeddings' and 'encoder.layer' (BERT/RoBERTa layout); use 0")
+    return embeddings, layers
+
+
 def keep_bottom_layers(encoder: nn.Module, num_layers: int) -> nn.Module:
     """Keeps the first ``num_layers`` transformer layers of a BERT-type encoder (0 keeps all); the upper
     ones are dropped, as when a smaller model is distilled from the bottom of a larger one.
 
     Raises:
-        ValueError: ``num_layers`` outside [0, number of layers], or an encoder without ``encoder.layer``.
+        ValueError: ``num_layers`` outside [0, number of layers], or an encoder without the BERT layout.
     """
     if num_layers == 0:
         return encoder
-    layers = getattr(getattr(encoder, "encoder", None), "layer", None)
-    if layers is None:
-        raise ValueError(f"MODEL.UP2.TEXT_ENCODER.NUM_LAYERS {num_layers}: {type(encoder).__name__} has no "
-                         "'encoder.layer' (BERT/RoBERTa layout); use 0")
+    _, layers = _bert_layout(encoder, f"NUM_LAYERS {num_layers}")
     if not 0 < num_layers <= len(layers):
         raise ValueError(f"MODEL.UP2.TEXT_ENCODER.NUM_LAYERS must be in [0, {len(layers)}] for this "
                          f"{len(layers)}-layer encoder, got {num_layers}")
@@ -97,11 +105,7 @@ def freeze_encoder_layers(encoder: nn.Module, freeze_at: int) -> List[nn.Paramet
     """
     if freeze_at == 0:
         return []
-    layers = getattr(getattr(encoder, "encoder", None), "layer", None)
-    embeddings = getattr(encoder, "embeddings", None)
-    if layers is None or embeddings is None:
-        raise ValueError(f"MODEL.UP2.TEXT_ENCODER.FREEZE_AT {freeze_at}: {type(encoder).__name__} has no "
-                         "'embeddings' and 'encoder.layer' (BERT/RoBERTa layout); use 0")
+    embeddings, layers = _bert_layout(encoder, f"FREEZE_AT {freeze_at}")
     if not 0 <= freeze_at <= len(layers) + 1:
         raise ValueError(f"MODEL.UP2.TEXT_ENCODER.FREEZE_AT must be in [0, {len(layers) + 1}] for this "
                          f"{len(layers)}-layer encoder, got {freeze_at}")
